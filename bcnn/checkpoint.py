@@ -66,7 +66,10 @@ def read_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(path, f"holds objects other than tensors and plain data; refused ({e})") from None
+        if "global" in str(e).lower():  # the weights-only unpickler met a class or function: pickled code
+            raise CheckpointError(path, "holds Python objects other than tensors and plain data; refused, "
+                                        "since loading them could run code") from None
+        raise CheckpointError(path, "is not a readable PyTorch file (truncated or corrupt)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(path, f"is not a readable PyTorch file (truncated or corrupt): {e}") from None
     if not isinstance(data, dict):

@@ -11,12 +11,13 @@ from torch import Tensor
 from bcnn.models import build_model, prepare_for_inference
 from bcnn.weights import Weights
 
-DEFAULT_WATERBIRD_THRESHOLD = 0.35
+DEFAULT_WATERBIRD_THRESHOLD = 0.2
 """Probability mass the full softmax must put on the answer classes to call a photo a waterbird.
 
-Chosen from measurements (README, "Choosing the waterbird threshold"): over the shared waterbird photos the
-mass has a median near 0.9, while non-bird photos and other birds stay under 0.2. 0.35 keeps every mapped
-photo a waterbird and rejects every non-waterbird we tried.
+Measured with the embedded default (README, "Choosing the waterbird threshold"): 20 non-bird photos (a cat,
+people, a rocket, coffee, textures...) put at most 0.026 on the waterbird classes; 78% of the 243 shared
+waterbird photos put at least 0.2 there (the rest are species ImageNet does not have, such as gulls and grebes).
+0.2 keeps an eightfold margin above everything that is not a bird.
 """
 
 

@@ -38,7 +38,12 @@ _KNOWN_UNSUPPORTED: tuple[tuple[bytes, int, str], ...] = (
 )
 _HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"mif1": "HEIF", b"avif": "AVIF"}
 
+_ALLOWED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Our `max_pixels` check, made on every image before decoding, replaces Pillow's process-wide bomb guard, which
+# would otherwise refuse first with a message that hides the image's size.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
@@ -107,19 +112,21 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """
     if not data:
         raise EmptyImage("The upload is empty: no image data was received.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about damaged metadata; the checks below decide
+        return _decode(data, max_pixels, draft_size)
+
+
+def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         unsupported = _sniff_unsupported(data)
         if unsupported:
             raise UnsupportedFormat(
-                f"{unsupported} files are not supported; send a photo as {_allowed_list()}.") from None
-        raise InvalidImage(f"The data is not an image we can read; send a photo as {_allowed_list()}.") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLarge(f"The image has more than {max_pixels:,} pixels.") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+                f"{unsupported} files are not supported; send a photo as {_ALLOWED_NAMES}.") from None
+        raise InvalidImage(f"The data is not an image we can read; send a photo as {_ALLOWED_NAMES}.") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error):
         raise InvalidImage("The image header is damaged; the file could not be read.") from None
 
     width, height = image.size
@@ -132,16 +139,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if draft_size and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # first frame only: GIF, WebP, TIFF and MPO frames after it are never decoded
-        image = _upright(image)
-        return _to_rgb(image)
-    except ImageError:
-        raise
+        return _to_rgb(_upright(image))
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError, struct.error):
         raise InvalidImage("The image data is truncated or corrupt.") from None
-
-
-def _allowed_list() -> str:
-    return "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -1,0 +1,5 @@
+import sys
+
+from bcnn.cli import main
+
+sys.exit(main())

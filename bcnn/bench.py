@@ -1,0 +1,62 @@
+"""The bare model's speed on this machine: images/s and latency per batch size and thread count."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+
+from bcnn.predict import Predictor
+from bcnn.weights import get_weights
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_model(checkpoint: str = "default", *, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
+                threads: tuple[int, ...] = (1, 2), seconds: float = 3.0, classes_file: str | None = None,
+                device: str | None = None) -> dict[str, Any]:
+    weights = get_weights(checkpoint, classes_file=classes_file)
+    predictor = Predictor(weights, device=device)
+    size = weights.preprocess.crop_size
+    rows = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for batch in batch_sizes:
+            images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+            for _ in range(2):
+                predictor.logits(images)
+            latencies = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds or len(latencies) < 3:
+                t0 = time.perf_counter()
+                predictor.logits(images)
+                latencies.append(time.perf_counter() - t0)
+            rows.append({
+                "threads": n_threads,
+                "batch_size": batch,
+                "images_per_s": round(batch * len(latencies) / sum(latencies), 2),
+                "latency_ms_p50": round(statistics.median(latencies) * 1000, 2),
+                "latency_ms_max": round(max(latencies) * 1000, 2),
+            })
+    best = max(rows, key=lambda r: r["images_per_s"])
+    return {
+        "model": weights.name,
+        "model_version": weights.version,
+        "input_size": size,
+        "device": str(predictor.device),
+        "machine": {"cpus": len(os.sched_getaffinity(0)),
+                    "platform": platform.platform(), "processor": platform.machine(),
+                    "torch": torch.__version__},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "results": rows,
+        "best": best,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }

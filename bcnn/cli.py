@@ -1,0 +1,172 @@
+"""`python -m bcnn predict | train | evaluate | bench | convert`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from bcnn.preprocess import DEFAULT_MAX_PIXELS, ImageError
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from bcnn.predict import Predictor
+    from bcnn.preprocess import preprocess_image
+    from bcnn.weights import get_weights
+
+    torch.set_num_threads(args.threads)
+    weights = get_weights(args.checkpoint, classes_file=args.classes)
+    predictor = Predictor(weights, threshold=args.threshold, device=args.device)
+    failed = 0
+    for name in args.images:
+        try:
+            image = preprocess_image(Path(name).read_bytes(), weights.preprocess, max_pixels=args.max_pixels)
+        except (OSError, ImageError) as e:
+            failed += 1
+            code = e.code if isinstance(e, ImageError) else "unreadable_file"
+            message = str(e) if isinstance(e, ImageError) else (e.strerror or str(e))
+            if args.json:
+                print(json.dumps({"file": name, "error": {"code": code, "message": message}}, ensure_ascii=False))
+            else:
+                print(f"{name}: error: {message}", file=sys.stderr)
+            continue
+        answer = predictor(image[None], top_k=args.top_k)[0]
+        if args.json:
+            print(json.dumps({"file": name, "is_waterbird": answer.is_waterbird,
+                              "predictions": [{"label": p.label, "score": p.score, "index": p.index}
+                                              for p in answer.predictions]}, ensure_ascii=False), flush=True)
+        else:
+            verdict = "" if answer.is_waterbird else "  (probably not a waterbird)"
+            best = ", ".join(f"{p.label} {p.score:.1%}" for p in answer.predictions)
+            print(f"{name}: {best}{verdict}", flush=True)
+    return 1 if failed else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bcnn.train import TrainConfig, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    best = train(cfg)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from bcnn.evaluate import evaluate
+
+    metrics = evaluate(args.data, args.checkpoint, args.out, classes_file=args.classes, split=args.split,
+                       workers=args.workers, device=args.device)
+    print(f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  over {metrics['images']} images; "
+          f"details in {args.out}/")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from bcnn.bench import bench_model
+
+    result = bench_model(args.checkpoint, batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads),
+                         seconds=args.seconds, classes_file=args.classes, device=args.device)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from bcnn.checkpoint import save_checkpoint
+    from bcnn.models import build_model
+    from bcnn.weights import get_weights
+
+    weights = get_weights(args.checkpoint, classes_file=args.classes)
+    save_checkpoint(args.out, build_model(weights), arch=weights.arch, categories=weights.categories,
+                    preprocess=weights.preprocess, answer_indices=weights.answer_indices,
+                    meta={"converted_from": weights.source})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bcnn.models import BACKBONES
+    from bcnn.predict import DEFAULT_WATERBIRD_THRESHOLD
+
+    parser = argparse.ArgumentParser(prog="python -m bcnn", description="Bilinear CNN waterbird recognition")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p: argparse.ArgumentParser, default: str | None = "default") -> None:
+        p.add_argument("--checkpoint", default=default, required=default is None,
+                       help="a checkpoint file, or 'default' for the embedded EfficientNet-Lite0 model")
+        p.add_argument("--classes", help="class list ('index name' lines) for a 2019 service checkpoint")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+    p = sub.add_parser("predict", help="name the species in photos")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    model_options(p)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--threshold", type=float, default=DEFAULT_WATERBIRD_THRESHOLD,
+                   help="waterbird probability mass below which a photo is 'not a waterbird'")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.set_defaults(run=_predict)
+
+    p = sub.add_parser("train", help="train a BCNN on your photos (ImageFolder or CUB-200-2011 layout)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0")
+    p.add_argument("--out", default="runs/bcnn", help="folder for last.pt (resumable) and best.pt")
+    p.add_argument("--image-size", type=int, help="input size (default: 448 for vgg16, 224 for Lite0)")
+    p.add_argument("--init", help="vgg16: torchvision VGG-16 ImageNet state dict to start from")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    for name in ("fc_epochs", "ft_epochs", "fc_batch_size", "ft_batch_size", "workers", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int)
+    for name in ("fc_lr", "ft_lr", "fc_weight_decay", "ft_weight_decay", "momentum"):
+        p.add_argument("--" + name.replace("_", "-"), type=float)
+    p.add_argument("--device")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", help="top-1, top-5, per-class accuracy and a confusion matrix")
+    p.add_argument("--data", required=True)
+    model_options(p, default=None)
+    p.add_argument("--out", default="runs/evaluate")
+    p.add_argument("--split", choices=("val", "all"), default="val")
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("bench", help="images/s and latency of the bare model per batch size, as JSON")
+    model_options(p)
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--threads", type=_int_list, default=[1, 2])
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(run=_bench)
+
+    p = sub.add_parser("convert", help="turn a 2019 service checkpoint into this project's format")
+    p.add_argument("checkpoint")
+    p.add_argument("--classes", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from bcnn.checkpoint import CheckpointError
+
+    try:
+        return int(args.run(args))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

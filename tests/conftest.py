@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "waterbirds"
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: Path
+    species_zh: str
+    imagenet_index: int | None
+    imagenet_label: str | None
+
+
+def _photos() -> list[Photo]:
+    with open(SHARED / "photos.csv", encoding="utf-8") as f:
+        return [Photo(SHARED / "photos" / r["file"], r["species_zh"],
+                      int(r["imagenet_index"]) if r["imagenet_index"] else None, r["imagenet_label"] or None)
+                for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Photo]:
+    if not (SHARED / "photos.csv").is_file():
+        pytest.skip(f"the shared waterbird photos are not here ({SHARED}); CI has them")
+    return _photos()
+
+
+@pytest.fixture(scope="session")
+def mapped_photos(photos: list[Photo]) -> list[Photo]:
+    return [p for p in photos if p.imagenet_index is not None]
+
+
+NON_BIRD_PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                   "camera.png", "horse.png", "hubble_deep_field.jpg", "grass.png", "brick.png")
+"""Real photos shipped inside scikit-image's wheel: a cat, a person, a cup, a rocket, a horse, textures."""
+
+
+@pytest.fixture(scope="session")
+def non_bird_photos() -> list[Path]:
+    data = files("skimage") / "data"
+    return [Path(str(data / name)) for name in NON_BIRD_PHOTOS]

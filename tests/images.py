@@ -1,0 +1,81 @@
+"""Images made on the spot for tests: valid odd ones and hostile ones. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def gradient(width: int = 64, height: int = 48) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), np.full_like(x, 90)], -1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def jpeg(width: int = 64, height: int = 48) -> bytes:
+    return encode(gradient(width, height), "JPEG", quality=90)
+
+
+def truncated_jpeg() -> bytes:
+    data = jpeg(256, 256)
+    return data[: len(data) // 2]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header is rewritten to claim width x height pixels (a decompression bomb)."""
+    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
+    ihdr = 8 + 8  # signature, then length and type of the IHDR chunk
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13]))
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def many_frame_gif(frames: int = 3000) -> bytes:
+    images = [Image.new("P", (8, 8), i % 200) for i in range(frames)]
+    return encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=10)
+
+
+def png16(value: int = 32768) -> bytes:
+    return encode(Image.fromarray(np.full((16, 16), value, dtype=np.uint16)), "PNG")
+
+
+def cmyk_jpeg() -> bytes:
+    return encode(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG", quality=95)  # red
+
+
+def palette_png_transparent() -> bytes:
+    image = Image.new("P", (16, 16), 1)
+    image.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    return encode(image, "PNG", transparency=1)  # every pixel transparent
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 64x32 JPEG whose EXIF says 'rotate 90 degrees': upright it is 32x64."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(gradient(64, 32), "JPEG", exif=exif.tobytes())
+
+
+SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect/></svg>'
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+HTML = b"<!doctype html><html><body><img src=x></body></html>"
+TEXT = b"this is not a photo of a heron\n"
+
+
+def zip_bytes() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("bird.jpg", jpeg())
+    return buf.getvalue()

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcnn.predict import Predictor
+from bcnn.preprocess import preprocess_image
+from bcnn.weights import WATERBIRD_IMAGENET_CLASSES, get_weights
+from tests.conftest import Photo
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    torch.set_num_threads(1)
+    return Predictor(get_weights("default"))
+
+
+def _answer(predictor: Predictor, path: Path):  # noqa: ANN202
+    return predictor(preprocess_image(path.read_bytes(), predictor.weights.preprocess)[None])[0]
+
+
+def test_default_names_the_ten_mapped_photos(predictor: Predictor, mapped_photos: list[Photo]) -> None:
+    assert len(mapped_photos) == 10
+    for photo in mapped_photos:
+        answer = _answer(predictor, photo.path)
+        best = answer.predictions[0]
+        assert WATERBIRD_IMAGENET_CLASSES[best.index] == photo.imagenet_index, (photo.path.name, best)
+        assert answer.is_waterbird, photo.path.name
+
+
+def test_non_birds_are_not_waterbirds(predictor: Predictor, non_bird_photos: list[Path]) -> None:
+    for path in non_bird_photos:
+        answer = _answer(predictor, path)
+        assert not answer.is_waterbird, (path.name, answer.waterbird_score)
+        assert answer.waterbird_score < predictor.threshold / 4
+
+
+def test_scores_are_renormalised_over_the_waterbird_classes(predictor: Predictor) -> None:
+    logits = torch.randn(3, 1000)
+    answers = predictor.answers(logits, top_k=len(WATERBIRD_IMAGENET_CLASSES))
+    for answer in answers:
+        scores = [p.score for p in answer.predictions]
+        assert scores == sorted(scores, reverse=True)
+        assert sum(scores) == pytest.approx(1.0, abs=1e-4)
+    assert predictor.labels[11] == "crane bird" and "crane" not in predictor.labels  # 517 is the machine
+
+
+def test_batches_give_the_same_answers_as_single_images(predictor: Predictor) -> None:
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    batched = predictor.logits(images)
+    single = torch.cat([predictor.logits(images[i:i + 1]) for i in range(4)])
+    assert torch.allclose(batched, single, atol=1e-4)
