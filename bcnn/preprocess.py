@@ -139,7 +139,10 @@ def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image
         if draft_size and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # first frame only: GIF, WebP, TIFF and MPO frames after it are never decoded
-        return _to_rgb(_upright(image))
+        fmt = image.format or "unknown"
+        rgb = _to_rgb(_upright(image))
+        rgb.info.update(source_size=(width, height), source_format=fmt)
+        return rgb
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError, struct.error):
         raise InvalidImage("The image data is truncated or corrupt.") from None
 
@@ -192,7 +195,23 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
-def preprocess_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """The whole path: bytes -> validated image -> uint8 [3, crop, crop] tensor."""
+@dataclass(frozen=True)
+class LoadedImage:
+    tensor: torch.Tensor
+    """uint8 [3, crop, crop]"""
+    width: int
+    height: int
+    format: str
+
+
+def load_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """The whole path: bytes -> validated image -> uint8 tensor, with the source's size and format."""
     image = decode_image(data, max_pixels=max_pixels, draft_size=preprocess.resize_size)
-    return to_uint8_tensor(resize_and_crop(image, preprocess))
+    width, height = image.info["source_size"]
+    return LoadedImage(to_uint8_tensor(resize_and_crop(image, preprocess)), width, height,
+                       image.info["source_format"])
+
+
+def preprocess_image(data: bytes, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """bytes -> uint8 [3, crop, crop] tensor; see `load_image`."""
+    return load_image(data, preprocess, max_pixels=max_pixels).tensor

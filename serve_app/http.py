@@ -1,0 +1,166 @@
+"""The HTTP API: routes, upload reading with limits, and the JSON answers. The pipeline behind it is the
+ingress deployment (`serve_app.ingress`), seen here only through the `Pipeline` protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from importlib.resources import files
+from typing import Protocol
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive
+
+from deployments.config import IngressConfig
+from deployments.messages import Classified, ModelCard
+from serve_app.errors import ApiError, error_response, handle_http_exception, handle_unexpected, to_api_error
+from serve_app.openapi import OPENAPI
+
+log = logging.getLogger("ray.serve")
+
+
+class Pipeline(Protocol):
+    config: IngressConfig
+
+    async def classify(self, data: bytes, top_k: int) -> Classified: ...
+
+    async def model_card(self) -> ModelCard: ...
+
+    async def health(self) -> dict[str, object]: ...
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "body_too_large", f"The upload is larger than the {limit / 2**20:g} MiB limit.")
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """Count body bytes as they stream in, whatever Content-Length said."""
+    received = 0
+
+    async def wrapped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return wrapped
+
+
+async def read_upload(request: Request, config: IngressConfig) -> bytes:
+    """The image bytes from `multipart/form-data` field `file`, or from a raw `image/*` body."""
+    limit = int(config.max_body_mb * 2**20)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    request = Request(request.scope, _limited(request.receive, limit))
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        async with asyncio.timeout(config.upload_read_timeout_s):
+            if content_type == "multipart/form-data":
+                return await _form_file(request)
+            if content_type.startswith("image/") or content_type == "application/octet-stream":
+                return await request.body()
+    except TimeoutError:
+        raise ApiError(408, "upload_timeout",
+                       f"The upload did not arrive within {config.upload_read_timeout_s:g} s.") from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "The upload was interrupted.") from None
+    raise ApiError(415, "unsupported_media_type",
+                   "Send the photo as multipart/form-data in a field named 'file', or as the raw request body "
+                   "with an image/* content type.")
+
+
+async def _form_file(request: Request) -> bytes:
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except MultiPartException as e:
+        raise ApiError(400, "bad_multipart", f"The form could not be read: {e.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "missing_file", "The form has no file in a field named 'file'.")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def _top_k(request: Request, default: int) -> int:
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise ApiError(400, "bad_top_k", "top_k must be a whole number from 1 to 100.")
+    return int(raw)
+
+
+def answer_body(request_id: str, result: Classified, total_ms: float) -> dict[str, object]:
+    return {
+        "request_id": request_id,
+        "model": {"name": result.model_name, "version": result.model_version},
+        "is_waterbird": result.answer.is_waterbird,
+        "waterbird_score": result.answer.waterbird_score,
+        "predictions": [{"label": p.label, "score": p.score} for p in result.answer.predictions],
+        "timing_ms": {"preprocess": round(result.preprocess_ms, 2), "inference": round(result.inference_ms, 2),
+                      "total": round(total_ms, 2)},
+    }
+
+
+def build_http_app(pipeline: Pipeline) -> Starlette:
+    page = files("serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
+    openapi = json.dumps(OPENAPI).encode()
+
+    async def index(_request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def classify(request: Request) -> Response:
+        start = time.perf_counter()
+        config = pipeline.config
+        request_id = request.headers.get("x-request-id", "")
+        try:
+            top_k = _top_k(request, config.default_top_k)
+            async with asyncio.timeout(config.request_timeout_s):
+                data = await read_upload(request, config)
+                result = await pipeline.classify(data, top_k)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
+            error = to_api_error(e, retry_after_s=config.retry_after_s)
+            if error.status >= 500 and error.status != 503:
+                log.exception("classify failed (%s)", error.code)
+            return error_response(error)
+        return JSONResponse(answer_body(request_id, result, (time.perf_counter() - start) * 1000))
+
+    async def healthz(_request: Request) -> Response:
+        report = await pipeline.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+    async def labels(_request: Request) -> Response:
+        try:
+            card = await pipeline.model_card()
+        except Exception as e:  # noqa: BLE001
+            return error_response(to_api_error(e))
+        return JSONResponse({"model": {"name": card.name, "version": card.version}, "labels": list(card.labels)})
+
+    async def openapi_json(_request: Request) -> Response:
+        return Response(openapi, media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Route("/classify", classify, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/labels", labels, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: handle_http_exception, Exception: handle_unexpected},
+    )

@@ -1,0 +1,89 @@
+"""The API's OpenAPI 3.1 document, served at /openapi.json and used by the schema-driven fuzz tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"],
+                             "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "Waterbird recognition", "version": "1.0.0",
+             "description": "Upload a photo of a waterbird; get the species and a confidence."},
+    "paths": {
+        "/classify": {
+            "post": {
+                "summary": "Name the waterbird in a photo",
+                "parameters": [{"name": "top_k", "in": "query", "required": False,
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                                           "properties": {"file": {"type": "string",
+                                                                                   "format": "binary"}}}},
+                        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        "image/webp": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "responses": {
+                    "200": {"description": "The ranked species",
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}}},
+                    "400": _error("Not a usable image: empty, truncated, not an image, or no 'file' field"),
+                    "408": _error("The upload did not arrive in time"),
+                    "413": _error("Body over the size limit, or image over the pixel limit"),
+                    "415": _error("A format outside JPEG, PNG, WebP, GIF, BMP, TIFF"),
+                    "503": _error("Queues are full; retry after the Retry-After header's seconds"),
+                    "504": _error("The request took longer than the request timeout"),
+                },
+            }
+        },
+        "/healthz": {"get": {"summary": "Every stage has a live replica with its model loaded",
+                             "responses": {"200": {"description": "Healthy"},
+                                           "503": {"description": "A stage is not serving"}}}},
+        "/labels": {"get": {"summary": "The model's classes",
+                            "responses": {"200": {"description": "Model and labels",
+                                                  "content": {"application/json": {"schema": {
+                                                      "$ref": "#/components/schemas/Labels"}}}},
+                                          "503": _error("No model loaded")}}},
+        "/": {"get": {"summary": "The upload page", "responses": {"200": {"description": "HTML",
+                                                                          "content": {"text/html": {}}}}}},
+    },
+    "components": {
+        "schemas": {
+            "Error": _ERROR,
+            "Model": {"type": "object", "required": ["name", "version"],
+                      "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+            "Answer": {
+                "type": "object",
+                "required": ["request_id", "model", "is_waterbird", "predictions", "timing_ms"],
+                "properties": {
+                    "request_id": {"type": "string"},
+                    "model": {"$ref": "#/components/schemas/Model"},
+                    "is_waterbird": {"type": "boolean"},
+                    "waterbird_score": {"type": "number", "minimum": 0, "maximum": 1},
+                    "predictions": {"type": "array", "items": {
+                        "type": "object", "required": ["label", "score"],
+                        "properties": {"label": {"type": "string"},
+                                       "score": {"type": "number", "minimum": 0, "maximum": 1}}}},
+                    "timing_ms": {"type": "object", "required": ["preprocess", "inference", "total"],
+                                  "properties": {k: {"type": "number"} for k in ("preprocess", "inference", "total")}},
+                },
+            },
+            "Labels": {"type": "object", "required": ["model", "labels"],
+                       "properties": {"model": {"$ref": "#/components/schemas/Model"},
+                                      "labels": {"type": "array", "items": {"type": "string"}}}},
+        }
+    },
+}
