@@ -151,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON here")
     p.set_defaults(run=_bench)
 
-    p = sub.add_parser("convert", help="turn a 2019 service checkpoint into this project's format")
+    p = sub.add_parser("convert", help="write any model (a 2019 service checkpoint, 'default') in this "
+                                       "project's checkpoint format")
     p.add_argument("checkpoint")
-    p.add_argument("--classes", required=True)
+    p.add_argument("--classes", help="class list, for a 2019 service checkpoint")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_convert)
     return parser

@@ -41,7 +41,6 @@ class Classifier:
         works, so requests in flight finish on the old one and none fails. A checkpoint that does not load
         leaves the old model serving and fails the update, which `serve status` reports."""
         config = ClassifierConfig(**user_config)
-        torch.set_num_threads(config.torch_threads)
         old = self.config
         if self.predictor is None or old is None or any(
                 getattr(old, f) != getattr(config, f) for f in _MODEL_FIELDS):
@@ -81,6 +80,10 @@ class Classifier:
     async def _classify_batch(self, requests: list[tuple[Prepared, int]]) -> list[Classified]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
         assert self.config is not None
+        if torch.get_num_threads() != self.config.torch_threads:
+            # OpenMP's thread count belongs to the calling thread, and Serve runs user code on a thread of its
+            # own: set it here, where the forward pass runs. Two 2-thread replicas on two cores would fight.
+            torch.set_num_threads(self.config.torch_threads)
         size = predictor.weights.preprocess.crop_size
         images = torch.stack([_fit(p.image, size) for p, _ in requests])
         start = time.perf_counter()

@@ -46,3 +46,12 @@ NON_BIRD_PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "
 def non_bird_photos() -> list[Path]:
     data = files("skimage") / "data"
     return [Path(str(data / name)) for name in NON_BIRD_PHOTOS]
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """The production serve_config.yaml deployed with `serve deploy` on a real local Ray cluster that declares
+    two logical GPUs. Started once for every test that asks for it."""
+    from tests.service import load_config, start_service
+
+    yield from start_service(tmp_path_factory.mktemp("service"), load_config())

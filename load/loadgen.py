@@ -1,0 +1,121 @@
+"""Closed-loop HTTP load: N users, each sending its next upload as soon as the last one is answered.
+
+One asyncio process with aiohttp, so the client takes little of a small machine's CPU away from the server it
+measures. Used by the benchmark and by the tests that need traffic in flight (redeploys, overload, crashes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str
+    data: bytes
+    multipart: bool = True
+
+    def request_kwargs(self, field_name: str) -> dict[str, object]:
+        if self.multipart:
+            form = aiohttp.FormData()
+            form.add_field(field_name, self.data, filename=self.name, content_type="image/jpeg")
+            return {"data": form}
+        return {"data": self.data, "headers": {"Content-Type": "image/jpeg"}}
+
+
+@dataclass
+class Outcome:
+    status: int
+    latency_s: float
+    error: str = ""
+
+
+@dataclass
+class LoadResult:
+    users: int
+    seconds: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def statuses(self) -> Counter[int]:
+        return Counter(o.status for o in self.outcomes)
+
+    @property
+    def ok(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == 200]
+
+    def throughput(self) -> float:
+        return len(self.ok) / self.seconds if self.seconds else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        latencies = sorted(o.latency_s for o in self.ok)
+        if not latencies:
+            return float("nan")
+        index = min(len(latencies) - 1, max(0, round(q / 100 * len(latencies)) - 1))
+        return latencies[index] * 1000
+
+    def summary(self) -> dict[str, object]:
+        ok = self.ok
+        return {
+            "users": self.users,
+            "seconds": round(self.seconds, 2),
+            "requests": len(self.outcomes),
+            "ok": len(ok),
+            "overloaded_503": self.statuses.get(503, 0),
+            "failed": len(self.outcomes) - len(ok) - self.statuses.get(503, 0),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "throughput_rps": round(self.throughput(), 2),
+            "latency_ms_p50": round(self.percentile_ms(50), 1),
+            "latency_ms_p90": round(self.percentile_ms(90), 1),
+            "latency_ms_p99": round(self.percentile_ms(99), 1),
+            "latency_ms_mean": round(statistics.fmean(o.latency_s for o in ok) * 1000, 1) if ok else None,
+        }
+
+
+def load_uploads(folder: str | Path, *, limit: int | None = None, raw_every: int = 0) -> list[Upload]:
+    """Photos from a folder; every `raw_every`-th is sent as a raw body instead of multipart."""
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:limit]
+    return [Upload(p.name, p.read_bytes(), multipart=not (raw_every and i % raw_every == 0))
+            for i, p in enumerate(paths, 1)]
+
+
+async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: float | None = None,
+                   requests_per_user: int | None = None, timeout_s: float = 60.0, field_name: str = "file",
+                   stop: asyncio.Event | None = None) -> LoadResult:
+    """Run until `seconds` pass, each user has sent `requests_per_user`, or `stop` is set."""
+    if seconds is None and requests_per_user is None and stop is None:
+        raise ValueError("give seconds, requests_per_user or stop")
+    result = LoadResult(users=users, seconds=0.0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    start = time.perf_counter()
+    deadline = start + seconds if seconds is not None else float("inf")
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def user(index: int) -> None:
+            uploads_cycle = itertools.islice(itertools.cycle(uploads), index, None)
+            sent = 0
+            while time.perf_counter() < deadline and (requests_per_user is None or sent < requests_per_user):
+                if stop is not None and stop.is_set():
+                    return
+                upload = next(uploads_cycle)
+                t0 = time.perf_counter()
+                try:
+                    async with session.post(url, **upload.request_kwargs(field_name)) as response:
+                        await response.read()
+                        result.outcomes.append(Outcome(response.status, time.perf_counter() - t0))
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))
+                sent += 1
+
+        await asyncio.gather(*(user(i) for i in range(users)))
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,75 @@
+"""`make serve`: a local Ray head (dashboard and metrics on 127.0.0.1, token authentication on), the local
+profile deployed in the foreground with `serve run`, until Ctrl-C; then the Ray it started is stopped. An already
+running local Ray is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+GCS_PORT = 6379
+DASHBOARD_PORT = 8265
+METRICS_PORT = 8080
+
+# The serving settings measured to help on this kind of machine (README, "Performance"); exported before Ray
+# starts, because Serve's controller and replicas read them when they start.
+SERVE_ENV = {
+    # Ray 2.60 makes a token for a new local cluster (~/.ray/auth_token), but its CLI clients (`serve run`,
+    # `serve deploy`, `serve status`) send it only when told to.
+    "RAY_AUTH_MODE": "token",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+}
+
+
+def ray_start_command(*, num_cpus: int | None = None, num_gpus: int | None = None) -> list[str]:
+    command = [str(BIN / "ray"), "start", "--head", f"--port={GCS_PORT}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
+               f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats"]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus}")
+    return command
+
+
+def ray_running(env: dict[str, str]) -> bool:
+    status = subprocess.run([str(BIN / "ray"), "status"], env=env, capture_output=True, text=True)
+    return status.returncode == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="serve_config.local.yaml")
+    args = parser.parse_args(argv)
+    env = {**os.environ, **{k: v for k, v in SERVE_ENV.items() if k not in os.environ}}
+    started = False
+    if ray_running(env):
+        print(f"Using the Ray already running at 127.0.0.1:{GCS_PORT}.", flush=True)
+    else:
+        subprocess.run(ray_start_command(), env=env, check=True)
+        started = True
+    print(f"\nService:   http://127.0.0.1:8000   (page at /, API at /classify, /healthz, /labels)\n"
+          f"Dashboard: http://127.0.0.1:{DASHBOARD_PORT}   (token: ~/.ray/auth_token)\n"
+          f"Metrics:   http://127.0.0.1:{METRICS_PORT}/metrics\nCtrl-C stops the service.\n", flush=True)
+    serve = subprocess.Popen([str(BIN / "serve"), "run", "--address=auto", args.config], env=env)
+    # A supervisor's SIGTERM must reach `serve run` too, or it outlives us, retrying a cluster that is gone.
+    signal.signal(signal.SIGTERM, lambda *_: serve.send_signal(signal.SIGINT))
+    try:
+        while True:
+            try:
+                return serve.wait()
+            except KeyboardInterrupt:
+                continue  # `serve run` got the same Ctrl-C and is shutting the application down
+    finally:
+        if started:
+            subprocess.run([str(BIN / "ray"), "stop"], env=env, check=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

