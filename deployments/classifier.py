@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -29,6 +31,9 @@ class Classifier:
         self.config: ClassifierConfig | None = None
         self.predictor: Predictor | None = None
         self.load_error: str | None = None
+        # Forward passes run on one thread of their own: the event loop stays free to gather the next batch
+        # and answer health checks meanwhile, and torch's thread settings (per calling thread) stick.
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         if torch.cuda.is_available():
             log.info("Classifier on GPU %s (CUDA_VISIBLE_DEVICES=%s)", torch.cuda.get_device_name(0),
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -79,18 +84,16 @@ class Classifier:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.003)
     async def _classify_batch(self, requests: list[tuple[Prepared, int]]) -> list[Classified]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
-        assert self.config is not None
-        if torch.get_num_threads() != self.config.torch_threads:
-            # OpenMP's thread count belongs to the calling thread, and Serve runs user code on a thread of its
-            # own: set it here, where the forward pass runs. Two 2-thread replicas on two cores would fight.
-            torch.set_num_threads(self.config.torch_threads)
+        config = self.config
+        assert config is not None
         size = predictor.weights.preprocess.crop_size
         images = torch.stack([_fit(p.image, size) for p, _ in requests])
         start = time.perf_counter()
-        if self.config.skip_forward:
+        if config.skip_forward:
             logits = torch.zeros(len(requests), len(predictor.weights.categories))
         else:
-            logits = predictor.logits(images)
+            logits = await asyncio.get_running_loop().run_in_executor(
+                self._inference, _forward, predictor, images, config.torch_threads)
         inference_ms = (time.perf_counter() - start) * 1000
         answers = predictor.answers(logits, top_k=max(k for _, k in requests))
         weights = predictor.weights
@@ -106,6 +109,12 @@ class Classifier:
     def check_health(self) -> None:
         if self.predictor is None:
             raise RuntimeError(self.load_error or "the model is not loaded")
+
+
+def _forward(predictor: Predictor, images: torch.Tensor, threads: int) -> torch.Tensor:
+    if torch.get_num_threads() != threads:  # OpenMP's thread count belongs to the calling thread
+        torch.set_num_threads(threads)
+    return predictor.logits(images)
 
 
 def _fit(image: torch.Tensor, size: int) -> torch.Tensor:

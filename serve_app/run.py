@@ -23,7 +23,9 @@ SERVE_ENV = {
     # Ray 2.60 makes a token for a new local cluster (~/.ray/auth_token), but its CLI clients (`serve run`,
     # `serve deploy`, `serve status`) send it only when told to.
     "RAY_AUTH_MODE": "token",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+    # Ray's throughput mode: user code on the replica's main loop, gRPC between replicas, buffered request
+    # logs. Measured here at 1/8/64 users: 17/35/35 req/s with it, 15/27/13 without (README, "Performance").
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
 
 

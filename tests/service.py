@@ -19,12 +19,15 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.run import SERVE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SERVE_PORT = 8000
 DASHBOARD = "http://127.0.0.1:8265"
 LOGS = Path("/tmp/ray/session_latest/logs/serve")
-ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+# The environment `make serve` runs with, plus request logs written at once so tests can read them.
+ENV = {**os.environ, **SERVE_ENV, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
 def load_config(name: str = "serve_config.yaml") -> dict[str, Any]:

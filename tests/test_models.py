@@ -86,3 +86,20 @@ def test_every_registered_weights_entry_builds_and_classifies(name: str) -> None
     assert logits.shape == (2, len(weights.categories))
     assert len(weights.labels) == len(weights.answer_indices or weights.categories)
     assert weights.version and weights.source
+
+
+def test_packaged_imagenet_names_match_torchvision() -> None:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    from bcnn.weights import IMAGENET_CATEGORIES
+
+    assert list(IMAGENET_CATEGORIES) == list(_IMAGENET_CATEGORIES)
+
+
+def test_serving_a_lite0_model_never_imports_torchvision() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from bcnn import Predictor, get_weights; p = Predictor(get_weights()); "
+            "p(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)); print('torchvision' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
