@@ -55,3 +55,11 @@ def service(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from tests.service import load_config, start_service
 
     yield from start_service(tmp_path_factory.mktemp("service"), load_config())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001, ARG001
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "chromium" in r.keywords]
+    if skipped:
+        terminalreporter.write_line(
+            f"NOTE: {len(skipped)} browser tests were skipped: Chromium is not installed. "
+            "Install Debian's chromium (`apt-get install chromium`, as .ci/run does) to run them.", yellow=True)

@@ -1,0 +1,90 @@
+"""The upload page in a real headless Chromium (Debian's), driven by Playwright, against the running service."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Photo
+from tests.service import Service
+
+pytestmark = [pytest.mark.chromium, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless, and nothing that phones home: this machine's network is closed.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: `apt-get install chromium` (as .ci/run does) runs the page tests")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, service: Service):  # noqa: ANN001, ANN201
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    page.goto(service.url + "/")
+    yield page
+    context.close()
+
+
+def _api_answer(service: Service, path: Path) -> dict:
+    return httpx.post(service.url + "/classify", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+                      timeout=60).json()
+
+
+def test_upload_shows_the_same_species_as_the_api(page, service: Service, mapped_photos: list[Photo]) -> None:  # noqa: ANN001
+    OUTPUT.mkdir(exist_ok=True)
+    for photo in mapped_photos[:3]:  # several photos in a row, no reload
+        page.get_by_label("Drop a photo here or choose one").set_input_files(str(photo.path))
+        page.wait_for_function(
+            "document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+        api = _api_answer(service, photo.path)
+        assert page.locator("#species").inner_text() == api["predictions"][0]["label"] == photo.imagenet_label
+        bars = page.locator("#bars li")
+        assert bars.count() == 5
+        assert bars.first.get_attribute("aria-label").startswith(photo.imagenet_label)
+        assert page.locator("#not-waterbird").is_hidden()
+        meta = page.locator("#meta").inner_text()
+        assert api["model"]["name"] in meta and api["model"]["version"] in meta and " ms" in meta
+    page.screenshot(path=str(OUTPUT / "page-result.png"), full_page=True)
+
+
+def test_a_text_file_named_jpg_shows_the_error_in_words(page, tmp_path: Path) -> None:  # noqa: ANN001
+    fake = tmp_path / "heron.jpg"
+    fake.write_text("this is not a photo of a heron\n")
+    page.get_by_label("Drop a photo here or choose one").set_input_files(str(fake))
+    error = page.get_by_role("alert")
+    error.wait_for(state="visible", timeout=60_000)
+    text = error.inner_text()
+    assert "does not look like a photo we can read" in text and "request id" in text
+    assert page.locator("#result").is_hidden()
+    page.screenshot(path=str(OUTPUT / "page-error.png"))
+
+
+def test_keyboard_and_phone_viewport(page, non_bird_photos: list[Path]) -> None:  # noqa: ANN001
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "file"  # the picker is the first stop
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.get_by_label("Take a photo with the camera").set_input_files(str(non_bird_photos[0]))  # the cat
+    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')",
+                           timeout=60_000)
+    assert page.locator("#not-waterbird").is_visible()
+    assert page.locator("#species").inner_text() == "Probably not a waterbird"
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.screenshot(path=str(OUTPUT / "page-phone.png"), full_page=True)
