@@ -28,6 +28,13 @@ serve: install
 bench: install
 	$(PY) -m load.bench
 
+USERS ?= 64
+SECONDS ?= 60
+HOST ?= http://127.0.0.1:8000
+load: install
+	$(VENV)/bin/locust -f load/locustfile.py --headless --users $(USERS) --spawn-rate $(USERS) \
+		--run-time $(SECONDS)s --host $(HOST) --only-summary
+
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m pip_audit --skip-editable --progress-spinner off

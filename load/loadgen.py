@@ -112,6 +112,9 @@ async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: floa
                     async with session.post(url, **upload.request_kwargs(field_name)) as response:
                         await response.read()
                         result.outcomes.append(Outcome(response.status, time.perf_counter() - t0))
+                        retry_after = response.headers.get("Retry-After", "")
+                    if response.status == 503 and retry_after.isdigit():
+                        await asyncio.sleep(min(int(retry_after), 5))  # as a well-behaved client would
                 except (aiohttp.ClientError, TimeoutError) as e:
                     result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))
                 sent += 1

@@ -1,0 +1,259 @@
+"""`make bench`: in one run on this machine, with the same model and photos,
+
+1. the in-process limit (decode + preprocess + model in a tight loop), before and after the HTTP phases;
+2. our service end to end over HTTP (local profile) at 1, 8, 64 and 400 concurrent users;
+3. the serving ceiling: the same pipeline with the classifier told to skip the forward pass;
+4. the replaced 2019 design (Flask + `gunicorn -w N`) at the same concurrencies;
+
+then writes `load/results/<date>.json`, a plot beside it, and the results table into README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from load.inprocess import measure
+from load.loadgen import Upload, load_uploads, run_load
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "load" / "results"
+PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
+BIN = Path(sys.executable).parent
+USERS = (1, 8, 64, 400)
+SEED_PORT = 8001
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _env() -> dict[str, str]:
+    from serve_app.run import SERVE_ENV
+
+    return {**os.environ, **SERVE_ENV}
+
+
+def _wait_http(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+def _load(url: str, uploads: list[Upload], users: int, seconds: float) -> dict[str, Any]:
+    asyncio.run(run_load(url, uploads, users=min(users, 8), seconds=3))  # warm every replica
+    result = asyncio.run(run_load(url, uploads, users=users, seconds=seconds, timeout_s=120))
+    summary = result.summary()
+    summary["lost"] = summary["statuses"].get("0", 0)  # no HTTP answer at all
+    print(f"  {users:>4} users: {summary['throughput_rps']:7.2f} req/s  p50 {summary['latency_ms_p50']:8.1f} ms  "
+          f"p99 {summary['latency_ms_p99']:8.1f} ms  {summary['statuses']}", flush=True)
+    return summary
+
+
+def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) -> dict[str, Any]:
+    from serve_app.run import ray_start_command
+
+    env = _env()
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    subprocess.run(ray_start_command(), env=env, check=True, capture_output=True)
+    config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
+    path = RESULTS / ".bench-config.yaml"
+    try:
+        subprocess.run([str(BIN / "serve"), "deploy", str(ROOT / "serve_config.local.yaml")], env=env, check=True,
+                       capture_output=True)
+        _wait_http("http://127.0.0.1:8000/healthz")
+        url = "http://127.0.0.1:8000/classify"
+        print("our service (serve_config.local.yaml):", flush=True)
+        ours = {str(u): _load(url, uploads, u, seconds) for u in users}
+
+        classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+        classifier["user_config"]["skip_forward"] = True
+        path.write_text(yaml.safe_dump(config))
+        subprocess.run([str(BIN / "serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
+        time.sleep(10)
+        _wait_http("http://127.0.0.1:8000/healthz")
+        print("serving ceiling (classifier skips the forward pass):", flush=True)
+        ceiling = {str(u): _load(url, uploads, u, seconds) for u in (1, 64)}
+        return {"ours": ours, "ceiling": ceiling}
+    finally:
+        path.unlink(missing_ok=True)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+
+
+def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
+    command = [str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
+               "--timeout", "120", "load.seed_baseline.service:app"]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{SEED_PORT}/upload/"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.post(url, files={"file": ("a.jpg", uploads[0].data)}, timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        print(f"seed baseline (Flask + gunicorn -w {workers}):", flush=True)
+        return {str(u): _load(url, uploads, u, seconds) for u in users}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def _in_process(uploads: list[Upload], seconds: float) -> dict[str, Any]:
+    runs = [measure(uploads, processes=2, threads=1, batch_size=1, seconds=seconds),
+            measure(uploads, processes=1, threads=2, batch_size=1, seconds=seconds),
+            measure(uploads, processes=2, threads=1, batch_size=4, seconds=seconds)]
+    for r in runs:
+        print(f"  in-process {r['processes']} proc x {r['threads']} threads, batch {r['batch_size']}: "
+              f"{r['images_per_s']} img/s, p50 {r['latency_ms_p50']} ms", flush=True)
+    one = measure(uploads, processes=1, threads=1, batch_size=1, seconds=seconds)
+    print(f"  in-process single image latency (1 proc, 1 thread): {one['latency_ms_p50']} ms", flush=True)
+    return {"runs": runs, "best": max(runs, key=lambda r: r["images_per_s"]), "single": one}
+
+
+def run(seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
+    uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
+    print(f"{len(uploads)} photos from {PHOTOS}", flush=True)
+    print("in-process limit (before):", flush=True)
+    before = _in_process(uploads, seconds / 2)
+    service = _our_service(uploads, seconds, users)
+    seed = _seed_baseline(uploads, seconds, users, workers)
+    print("in-process limit (after):", flush=True)
+    after = _in_process(uploads, seconds / 2)
+    limit = (before["best"]["images_per_s"] + after["best"]["images_per_s"]) / 2
+    single_ms = (before["single"]["latency_ms_p50"] + after["single"]["latency_ms_p50"]) / 2
+    ours, ceiling = service["ours"], service["ceiling"]
+    best_ours = max(r["throughput_rps"] for r in ours.values())
+    ratios = {
+        "ours_over_in_process_limit": round(best_ours / limit, 3),
+        "ours_latency_one_user_minus_in_process_ms": round(ours["1"]["latency_ms_p50"] - single_ms, 1)
+        if "1" in ours else None,
+        "serving_ceiling_rps": max(r["throughput_rps"] for r in ceiling.values()),
+    }
+    for u in ("64", "400"):
+        if u in ours and u in seed:
+            ratios[f"throughput_ours_over_seed_at_{u}"] = round(
+                ours[u]["throughput_rps"] / max(seed[u]["throughput_rps"], 1e-9), 3)
+            ratios[f"p99_ours_over_seed_at_{u}"] = round(ours[u]["latency_ms_p99"] / seed[u]["latency_ms_p99"], 3)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "seconds_per_point": seconds,
+        "in_process": {"before": before, "after": after, "limit_images_per_s": round(limit, 2),
+                       "single_image_latency_ms": round(single_ms, 2)},
+        "ours": ours,
+        "serving_ceiling": ceiling,
+        "seed_baseline": {"workers": workers, "results": seed},
+        "ratios": ratios,
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, results, style in (("ours (Ray Serve)", report["ours"], "o-"),
+                                 ("2019 design (Flask + gunicorn)", report["seed_baseline"]["results"], "s--")):
+        users = sorted(results, key=int)
+        x = [int(u) for u in users]
+        left.plot(x, [results[u]["throughput_rps"] for u in users], style, label=name)
+        right.plot(x, [results[u]["latency_ms_p50"] for u in users], style, label=f"{name} p50")
+        right.plot(x, [results[u]["latency_ms_p99"] for u in users], style, alpha=0.5, label=f"{name} p99")
+    left.axhline(report["in_process"]["limit_images_per_s"], color="gray", linestyle=":", label="in-process limit")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent users")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    left.set_ylabel("answers per second")
+    right.set_ylabel("latency (ms)")
+    right.set_yscale("log")
+    fig.suptitle(f"Waterbird service, {report['machine']['cpus']} CPUs, {report['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(report: dict[str, Any]) -> str:
+    seed = report["seed_baseline"]["results"]
+    rows = ["| users | ours req/s | ours p50 ms | ours p99 ms | ours 503 | 2019 design req/s | 2019 p50 ms | 2019 p99 ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for u in sorted(report["ours"], key=int):
+        o, s = report["ours"][u], seed.get(u, {})
+        rows.append(f"| {u} | {o['throughput_rps']} | {o['latency_ms_p50']} | {o['latency_ms_p99']} | "
+                    f"{o['overloaded_503']} | {s.get('throughput_rps', '')} | {s.get('latency_ms_p50', '')} | "
+                    f"{s.get('latency_ms_p99', '')} |")
+    r = report["ratios"]
+    ip = report["in_process"]
+    lines = [
+        f"Measured {report['date']} on {report['machine']['cpus']} CPUs ({report['machine']['platform']}), "
+        f"{report['seconds_per_point']:g} s per point, `make bench`.",
+        "",
+        *rows,
+        "",
+        f"- In-process limit (decode + preprocess + model, best of 2x1-thread / 1x2-thread / batch 4, mean of "
+        f"before and after): **{ip['limit_images_per_s']} img/s**; one image alone: "
+        f"{ip['single_image_latency_ms']} ms.",
+        f"- Ours / in-process limit: **{r['ours_over_in_process_limit']}**. Ours at one user, p50 minus the "
+        f"in-process latency: **{r['ours_latency_one_user_minus_in_process_ms']} ms**.",
+        f"- Serving ceiling (the same pipeline, classifier skipping the forward pass): "
+        f"**{r['serving_ceiling_rps']} req/s**.",
+    ]
+    for u in ("64", "400"):
+        if f"throughput_ours_over_seed_at_{u}" in r:
+            lines.append(f"- At {u} users, ours / 2019 design: throughput **{r[f'throughput_ours_over_seed_at_{u}']}**,"
+                         f" p99 **{r[f'p99_ours_over_seed_at_{u}']}**.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per point")
+    parser.add_argument("--users", default=",".join(map(str, USERS)))
+    parser.add_argument("--seed-workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="gunicorn workers for the 2019 design (default: one per CPU, its best case)")
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args(argv)
+    if not PHOTOS.is_dir():
+        print(f"no photos at {PHOTOS}; set WATERBIRD_PHOTOS to a folder of JPEGs", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = run(args.seconds, tuple(int(u) for u in args.users.split(",")), args.seed_workers)
+    stem = report["date"][:10]
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, RESULTS / f"{stem}.png")
+    text = table(report)
+    print("\n" + text)
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if not args.no_readme and README_START in content:
+        head, _, rest = content.partition(README_START)
+        _, _, tail = rest.partition(README_END)
+        readme.write_text(f"{head}{README_START}\n{text}\n\n![Benchmark](load/results/{stem}.png)\n{README_END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The 2019 design, rebuilt only to be measured against: Flask, `/upload/` taking form field `file`, served by
+`gunicorn -w N`, one model copy per worker kept in memory. Same model and preprocessing as the new service.
+
+    gunicorn -w 2 -b 127.0.0.1:8001 load.seed_baseline.service:app
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flask import Flask, jsonify, request
+
+from bcnn.predict import Predictor
+from bcnn.preprocess import ImageError, preprocess_image
+from bcnn.weights import get_weights
+
+# Like the original, each Gunicorn worker builds its own model when it imports this module. One thread per
+# worker is this design's best case on a small machine (workers, not threads, share the cores).
+torch.set_num_threads(int(os.environ.get("SEED_TORCH_THREADS", "1")))
+weights = get_weights("default")
+model = Predictor(weights)
+
+app = Flask(__name__)
+
+
+@app.route("/upload/", methods=["POST"])
+def upload():  # noqa: ANN201
+    file = request.files.get("file")
+    if file is None:
+        return jsonify({"error": "no file"}), 400
+    try:
+        image = preprocess_image(file.read(), weights.preprocess)
+    except ImageError as e:
+        return jsonify({"error": str(e)}), 400
+    answer = model(image[None])[0]
+    return jsonify({"is_waterbird": answer.is_waterbird,
+                    "predictions": [{"label": p.label, "score": p.score} for p in answer.predictions]})
