@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
 from importlib.resources import files
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -17,6 +17,7 @@ from bcnn.predict import Answer, Predictor
 from bcnn.weights import get_weights
 from deployments.config import ClassifierConfig
 from deployments.messages import Classified, ModelCard, Prepared
+from deployments.metrics import ClassifierMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -34,6 +35,7 @@ class Classifier:
         # Forward passes run on one thread of their own: the event loop stays free to gather the next batch
         # and answer health checks meanwhile, and torch's thread settings (per calling thread) stick.
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.metrics = ClassifierMetrics()
         if torch.cuda.is_available():
             log.info("Classifier on GPU %s (CUDA_VISIBLE_DEVICES=%s)", torch.cuda.get_device_name(0),
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -67,10 +69,18 @@ class Classifier:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
             log.error(self.load_error)
             raise RuntimeError(self.load_error) from None
+        if self.predictor is not None:
+            self._report_model(self.predictor, 0)
         self.predictor, self.load_error = predictor, None
-        self.load_seconds = time.perf_counter() - start
+        load_seconds = time.perf_counter() - start
+        self.metrics.load_seconds.set(load_seconds)
+        self._report_model(predictor, 1)
         log.info("loaded model %s version %s on %s in %.2f s", weights.name, weights.version, predictor.device,
-                 self.load_seconds)
+                 load_seconds)
+
+    def _report_model(self, predictor: Predictor, value: int) -> None:
+        self.metrics.model.set(value, tags={"model": predictor.weights.name, "version": predictor.weights.version,
+                                            "device": str(predictor.device)})
 
     def card(self) -> ModelCard:
         predictor = self._require_model()
@@ -95,6 +105,8 @@ class Classifier:
             logits = await asyncio.get_running_loop().run_in_executor(
                 self._inference, _forward, predictor, images, config.torch_threads)
         inference_ms = (time.perf_counter() - start) * 1000
+        self.metrics.latency.observe(inference_ms)
+        self.metrics.batch_size.observe(len(requests))
         answers = predictor.answers(logits, top_k=max(k for _, k in requests))
         weights = predictor.weights
         return [Classified(_truncate(answer, k), weights.name, weights.version, prepared.preprocess_ms,

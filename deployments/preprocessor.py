@@ -12,6 +12,7 @@ from ray import serve
 from bcnn.preprocess import Preprocess, load_image
 from deployments.config import PreprocessorConfig
 from deployments.messages import Prepared
+from deployments.metrics import PreprocessorMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -24,6 +25,7 @@ class Preprocessor:
     def __init__(self) -> None:
         torch.set_num_threads(1)  # decoding is Pillow's; torch only wraps the array
         self.config = PreprocessorConfig()
+        self.metrics = PreprocessorMetrics()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = PreprocessorConfig(**user_config)
@@ -32,7 +34,10 @@ class Preprocessor:
         start = time.perf_counter()
         loaded = load_image(data, preprocess, max_pixels=self.config.max_pixels)
         elapsed = (time.perf_counter() - start) * 1000
-        return Prepared(image=loaded.tensor, pixels=loaded.width * loaded.height, preprocess_ms=elapsed)
+        pixels = loaded.width * loaded.height
+        self.metrics.latency.observe(elapsed)
+        self.metrics.pixels.observe(pixels)
+        return Prepared(image=loaded.tensor, pixels=pixels, preprocess_ms=elapsed)
 
     def check_health(self) -> None:
         """Nothing to load: a replica that answers is healthy."""

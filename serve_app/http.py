@@ -17,10 +17,11 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message, Receive
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.config import IngressConfig
 from deployments.messages import Classified, ModelCard
+from deployments.metrics import IngressMetrics
 from serve_app.errors import ApiError, error_response, handle_http_exception, handle_unexpected, to_api_error
 from serve_app.openapi import OPENAPI
 
@@ -117,7 +118,42 @@ def answer_body(request_id: str, result: Classified, total_ms: float) -> dict[st
     }
 
 
-def build_http_app(pipeline: Pipeline) -> Starlette:
+ROUTES = ("/", "/classify", "/healthz", "/labels", "/openapi.json")
+
+
+def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
+    """Count every response by route and outcome."""
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                metrics.request(route, message["status"])
+            await send(message)
+
+        await app(scope, receive, send_observed)
+
+    return wrapper
+
+
+def access_log(request_id: str, status: int, total_ms: float, result: Classified | None, code: str = "") -> None:
+    """One structured line per /classify request (JSON through Serve's logging; never image bytes)."""
+    fields: dict[str, object] = {"route": "/classify", "status": status, "latency_ms": round(total_ms, 2)}
+    if result is not None:
+        fields.update(preprocess_ms=round(result.preprocess_ms, 2), inference_ms=round(result.inference_ms, 2),
+                      batch_size=result.batch_size, species=result.answer.predictions[0].label,
+                      score=result.answer.predictions[0].score, is_waterbird=result.answer.is_waterbird,
+                      model_version=result.model_version)
+    if code:
+        fields["error_code"] = code
+    log.info("classify %s %d %.1f ms", request_id, status, total_ms, extra={"access": fields})
+
+
+def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) -> ASGIApp:
     page = files("serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
     openapi = json.dumps(OPENAPI).encode()
 
@@ -137,12 +173,19 @@ def build_http_app(pipeline: Pipeline) -> Starlette:
             error = to_api_error(e, retry_after_s=config.retry_after_s)
             if error.status >= 500 and error.status != 503:
                 log.exception("classify failed (%s)", error.code)
+            access_log(request_id, error.status, (time.perf_counter() - start) * 1000, None, error.code)
             return error_response(error)
-        return JSONResponse(answer_body(request_id, result, (time.perf_counter() - start) * 1000))
+        total_ms = (time.perf_counter() - start) * 1000
+        access_log(request_id, 200, total_ms, result)
+        if metrics is not None:
+            metrics.latency.observe(total_ms)
+            top = result.answer.predictions[0]
+            metrics.predictions.inc(tags={"species": top.label, "is_waterbird": str(result.answer.is_waterbird)})
+        return JSONResponse(answer_body(request_id, result, total_ms))
 
     async def healthz(_request: Request) -> Response:
         report = await pipeline.health()
-        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+        return JSONResponse(report, status_code=503 if report["status"] == "unavailable" else 200)
 
     async def labels(_request: Request) -> Response:
         try:
@@ -154,7 +197,7 @@ def build_http_app(pipeline: Pipeline) -> Starlette:
     async def openapi_json(_request: Request) -> Response:
         return Response(openapi, media_type="application/json")
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", index, methods=["GET"]),
             Route("/classify", classify, methods=["POST"]),
@@ -164,3 +207,4 @@ def build_http_app(pipeline: Pipeline) -> Starlette:
         ],
         exception_handlers={HTTPException: handle_http_exception, Exception: handle_unexpected},
     )
+    return observed(app, metrics) if metrics is not None else app

@@ -10,10 +10,11 @@ from typing import Any
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from deployments.config import IngressConfig
 from deployments.messages import Classified, ModelCard
+from deployments.metrics import IngressMetrics
 from serve_app.http import build_http_app
 
 log = logging.getLogger("ray.serve")
@@ -35,8 +36,8 @@ class Ingress:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig(**user_config)
 
-    def __serve_build_asgi_app__(self) -> Starlette:
-        return build_http_app(self)
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return build_http_app(self, IngressMetrics())
 
     async def model_card(self, *, refresh: bool = False) -> ModelCard:
         """The classifiers' model: its preprocessing travels with every request to the preprocessors."""
@@ -63,6 +64,9 @@ class Ingress:
         return await self.classifier.remote(prepared, top_k)
 
     async def health(self) -> dict[str, object]:
+        """Each stage answers (one replica of each is asked), plus Serve's view of every deployment, so that a
+        replica lost and being replaced shows as "degraded" while the service still answers."""
+
         async def check(name: str, call: Any) -> tuple[str, str]:
             try:
                 async with asyncio.timeout(HEALTH_TIMEOUT_S):
@@ -73,5 +77,24 @@ class Ingress:
 
         stages = dict(await asyncio.gather(check("preprocessor", self.preprocessor.check_health.remote()),
                                            check("classifier", self.classifier.card.remote())))
-        healthy = all(v == "ok" for v in stages.values())
-        return {"status": "ok" if healthy else "unavailable", "stages": {"ingress": "ok", **stages}}
+        deployments = await self._deployments()
+        if not all(v == "ok" for v in stages.values()):
+            status = "unavailable"
+        elif any(d["status"] != "HEALTHY" for d in deployments.values()):
+            status = "degraded"
+        else:
+            status = "ok"
+        return {"status": status, "stages": {"ingress": "ok", **stages}, "deployments": deployments}
+
+    async def _deployments(self) -> dict[str, dict[str, object]]:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                status = await asyncio.to_thread(serve.status)
+        except Exception:  # noqa: BLE001 - the controller's view is extra detail, not a health condition
+            return {}
+        app = status.applications.get(serve.get_replica_context().app_name)
+        if app is None:
+            return {}
+        return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
+                       "starting": d.replica_states.get("STARTING", 0)}
+                for name, d in app.deployments.items()}

@@ -72,8 +72,9 @@ class Service:
             try:
                 last = app = self.status()["applications"]["waterbirds"]
                 healthy = all(d["status"] == "HEALTHY" for d in app["deployments"].values())
-                if app["status"] == "RUNNING" and healthy and httpx.get(self.url + "/healthz", timeout=10).status_code == 200:
-                    return
+                if app["status"] == "RUNNING" and healthy:
+                    if httpx.get(self.url + "/healthz", timeout=10).status_code == 200:
+                        return
             except (KeyError, TypeError, httpx.HTTPError, subprocess.CalledProcessError) as e:
                 last = e
             time.sleep(2)

@@ -88,3 +88,17 @@ def test_keyboard_and_phone_viewport(page, non_bird_photos: list[Path]) -> None:
     assert page.locator("#species").inner_text() == "Probably not a waterbird"
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(OUTPUT / "page-phone.png"), full_page=True)
+
+
+def test_dashboard_serve_page_shows_the_application(browser, service: Service) -> None:  # noqa: ANN001
+    context = browser.new_context(viewport={"width": 1400, "height": 900},
+                                  extra_http_headers={"Authorization": f"Bearer {service.token}"})
+    page = context.new_page()
+    try:
+        page.goto("http://127.0.0.1:8265/#/serve", wait_until="networkidle", timeout=60_000)
+        for name in ("waterbirds", "Ingress", "Preprocessor", "Classifier"):
+            page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+        OUTPUT.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT / "dashboard-serve.png"), full_page=True)
+    finally:
+        context.close()

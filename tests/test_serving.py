@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,10 @@ def _post_file(service: Service, data: bytes, name: str = "bird.jpg", field: str
 def test_health_and_the_dashboard_list_three_healthy_deployments(service: Service) -> None:
     health = httpx.get(service.url + "/healthz", timeout=30)
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "stages": {"ingress": "ok", "preprocessor": "ok", "classifier": "ok"}}
+    report = health.json()
+    assert report["status"] == "ok"
+    assert report["stages"] == {"ingress": "ok", "preprocessor": "ok", "classifier": "ok"}
+    assert report["deployments"]["Classifier"] == {"status": "HEALTHY", "running": 2, "starting": 0}
     apps = service.dashboard("/api/serve/applications/").json()["applications"]
     app = apps["waterbirds"]
     assert app["status"] == "RUNNING"
@@ -183,7 +187,7 @@ def test_redeploy_with_a_new_checkpoint_swaps_in_place_with_no_failed_request(
             body = _post(service, uploads[0].data).json()
             if body["model"]["name"] == "lite0-copy" and len(body["predictions"]) == 3:
                 break
-            threading.Event().wait(1)
+            time.sleep(1)
         else:
             pytest.fail(f"the new model never answered: {body}")
     finally:
@@ -225,3 +229,57 @@ async def _first_503(service: Service, uploads: list[Upload]) -> httpx.Response:
                     return r
     raise AssertionError("no 503 under a flood against a queue of one")
 
+
+
+def _scrape(names: tuple[str, ...], timeout_s: float = 90) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples of the named metrics from Ray's Prometheus endpoint, once all of them are there."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    while time.monotonic() < deadline:
+        text = httpx.get("http://127.0.0.1:8080/metrics", timeout=30).text
+        found = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                for name in names:
+                    if sample.name == name:
+                        found.setdefault(name, []).append((sample.labels, sample.value))
+        if set(found) == set(names):
+            return found
+        time.sleep(3)
+    raise AssertionError(f"metrics missing after {timeout_s} s: {sorted(set(names) - set(found))}")
+
+
+def test_custom_metrics_reach_prometheus(service: Service, mapped_photos: list[Photo]) -> None:
+    for photo in mapped_photos[:4]:
+        assert _post(service, photo.path.read_bytes()).status_code == 200
+    assert _post(service, images.TEXT).status_code == 400
+    metrics = _scrape((
+        "ray_waterbirds_requests_total", "ray_waterbirds_predictions_total",
+        "ray_waterbirds_preprocess_latency_ms_count", "ray_waterbirds_inference_latency_ms_count",
+        "ray_waterbirds_batch_size_count", "ray_waterbirds_image_pixels_sum", "ray_waterbirds_model_load_seconds",
+        "ray_waterbirds_model_info", "ray_waterbirds_request_latency_ms_bucket"))
+    requests = {(s["route"], s["outcome"]): v for s, v in metrics["ray_waterbirds_requests_total"]}
+    assert requests[("/classify", "ok")] >= 4 and requests[("/classify", "client_error")] >= 1
+    species = {s["species"] for s, _ in metrics["ray_waterbirds_predictions_total"]}
+    assert {p.imagenet_label for p in mapped_photos[:4]} <= species
+    assert sum(v for _, v in metrics["ray_waterbirds_inference_latency_ms_count"]) >= 4
+    assert sum(v for _, v in metrics["ray_waterbirds_image_pixels_sum"]) > 4 * 50_000  # real photos, not crops
+    assert all(0 < v < 120 for _, v in metrics["ray_waterbirds_model_load_seconds"])
+    serving = [s for s, v in metrics["ray_waterbirds_model_info"] if v == 1]
+    assert serving and all(s["version"] and s["model"] for s in serving)
+
+
+def test_one_structured_access_line_per_request(service: Service, mapped_photos: list[Photo]) -> None:
+    photo = mapped_photos[1]
+    _post(service, photo.path.read_bytes(), headers={"X-Request-ID": "access-log-7"})
+    _post(service, images.SVG, "image/svg+xml", headers={"X-Request-ID": "access-log-8"})
+    records = [r for logs in service.replica_logs("Ingress").values() for r in logs if "access" in r]
+    ok = [r for r in records if r.get("request_id") == "access-log-7"]
+    refused = [r for r in records if r.get("request_id") == "access-log-8"]
+    assert len(ok) == 1 and len(refused) == 1
+    assert ok[0]["access"]["status"] == 200 and ok[0]["access"]["species"] == photo.imagenet_label
+    assert {"latency_ms", "preprocess_ms", "inference_ms", "is_waterbird"} <= ok[0]["access"].keys()
+    assert refused[0]["access"] == {**refused[0]["access"], "status": 415, "error_code": "unsupported_format"}
+    assert all(len(json_line) < 2000 for json_line in map(str, records))  # no image bytes in logs

@@ -71,7 +71,7 @@ def test_training_reaches_well_above_chance_and_resumes(patterns: Path, tmp_path
 def test_cub_layout_is_read(tmp_path: Path) -> None:
     (tmp_path / "images" / "001.Heron").mkdir(parents=True)
     (tmp_path / "images" / "002.Coot").mkdir(parents=True)
-    for i, rel in enumerate(["001.Heron/a.jpg", "001.Heron/b.jpg", "002.Coot/c.jpg", "002.Coot/d.jpg"], 1):
+    for rel in ["001.Heron/a.jpg", "001.Heron/b.jpg", "002.Coot/c.jpg", "002.Coot/d.jpg"]:
         Image.new("RGB", (8, 8)).save(tmp_path / "images" / rel)
     (tmp_path / "images.txt").write_text("1 001.Heron/a.jpg\n2 001.Heron/b.jpg\n3 002.Coot/c.jpg\n4 002.Coot/d.jpg\n")
     (tmp_path / "image_class_labels.txt").write_text("1 1\n2 1\n3 2\n4 2\n")

@@ -1,0 +1,107 @@
+"""serve_config.yaml on a real multi-node Ray cluster on this machine (cluster/local.sh): placement on GPU
+nodes, and a GPU node stopped while requests flow."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from load.loadgen import LoadResult, Upload, run_load
+from tests.conftest import Photo
+from tests.service import ENV, ROOT, Service, ray_is_running
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+LOCAL = ROOT / "cluster" / "local.sh"
+
+
+def _local(*args: str) -> None:
+    subprocess.run([str(LOCAL), *args], env=ENV, check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    if ray_is_running():
+        raise RuntimeError("A Ray cluster is already running here; stop it (`.venv/bin/ray stop`) first.")
+    try:
+        _local("up")
+        service = Service("http://127.0.0.1:8000", tmp_path_factory.mktemp("cluster"))
+        service.wait_running()
+        yield service
+    finally:
+        subprocess.run([str(LOCAL), "down"], env=ENV, capture_output=True, timeout=120)
+
+
+def _nodes(service: Service) -> dict[str, dict]:
+    nodes = service.dashboard("/api/v0/nodes?detail=1&limit=100").json()["data"]["result"]["result"]
+    return {n["node_id"]: n for n in nodes if n["state"] == "ALIVE"}
+
+
+def _replicas(service: Service, deployment: str) -> list[dict]:
+    app = service.dashboard("/api/serve/applications/").json()["applications"]["waterbirds"]
+    return [r for r in app["deployments"][deployment]["replicas"] if r["state"] == "RUNNING"]
+
+
+def test_classifiers_run_one_per_gpu_node_and_serve(cluster: Service, mapped_photos: list[Photo]) -> None:
+    nodes = _nodes(cluster)
+    gpu_nodes = {i for i, n in nodes.items() if n["resources_total"].get("GPU", 0) >= 1}
+    assert len(nodes) == 3 and len(gpu_nodes) == 2
+    head = [n for n in nodes.values() if n["is_head_node"]][0]
+    assert head["resources_total"].get("GPU", 0) == 0 and head["resources_total"].get("head_node") == 1
+    classifiers = _replicas(cluster, "Classifier")
+    assert len(classifiers) == 2
+    assert {r["node_id"] for r in classifiers} == gpu_nodes  # only on GPU nodes, one per node
+    names = {next(k for k in nodes[r["node_id"]]["resources_total"] if k.startswith("gpu_node_")) for r in classifiers}
+    assert names == {"gpu_node_1", "gpu_node_2"}
+    for photo in mapped_photos[:4]:
+        response = httpx.post(cluster.url + "/classify", content=photo.path.read_bytes(),
+                              headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert response.status_code == 200 and response.json()["predictions"][0]["label"] == photo.imagenet_label
+    # Each replica saw the GPU Ray gave it on its own node: logical GPU 0 of that node.
+    for records in cluster.replica_logs("Classifier").values():
+        assert any("CUDA_VISIBLE_DEVICES='0'" in r["message"] for r in records)
+
+
+def test_stopping_a_gpu_node_under_load_loses_no_request(cluster: Service, photos: list[Photo]) -> None:
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:30]]
+    done: list[LoadResult] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        async def main() -> LoadResult:
+            flag = asyncio.Event()
+
+            async def watch() -> None:
+                while not stop.is_set():
+                    await asyncio.sleep(0.1)
+                flag.set()
+
+            watcher = asyncio.create_task(watch())
+            result = await run_load(cluster.url + "/classify", uploads, users=8, stop=flag)
+            watcher.cancel()
+            return result
+
+        done.append(asyncio.run(main()))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    time.sleep(5)
+    _local("stop-worker", "1")
+    time.sleep(20)  # requests keep flowing on the other GPU node
+    stop.set()
+    thread.join(timeout=120)
+    result = done[0]
+    assert result.statuses == {200: len(result.outcomes)}, result.summary()
+    assert len(result.outcomes) > 30
+
+    _local("start-worker", "1")  # Serve restores the replica count on the returning node
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(_replicas(cluster, "Classifier")) < 2:
+        time.sleep(3)
+    assert len(_replicas(cluster, "Classifier")) == 2
+    assert httpx.get(cluster.url + "/healthz", timeout=30).status_code == 200

@@ -1,0 +1,64 @@
+"""The cluster manifests: the RayService holds exactly serve_config.yaml and passes KubeRay's CRD schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster.make_rayservice import render
+
+ROOT = Path(__file__).resolve().parents[1]
+CRDS = ROOT.parent / "shared" / "kuberay"
+
+
+def _crd_schema(name: str, version: str = "v1") -> dict:
+    path = CRDS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not here (KubeRay v1.7.0 CRDs); CI has it")
+    crd = yaml.safe_load(path.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
+
+
+def test_rayservice_is_generated_from_serve_config() -> None:
+    committed = (ROOT / "cluster" / "rayservice.yaml").read_text()
+    assert committed == render(), "run .venv/bin/python cluster/make_rayservice.py and commit the result"
+    manifest = yaml.safe_load(committed)
+    assert yaml.safe_load(manifest["spec"]["serveConfigV2"]) == yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+
+
+def test_rayservice_passes_the_kuberay_crd_schema() -> None:
+    manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    jsonschema.validate(manifest, _crd_schema("ray.io_rayservices.yaml"))
+    spec = manifest["spec"]["rayClusterConfig"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/-/healthz"
+
+
+def test_schema_validation_catches_a_broken_manifest() -> None:
+    manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(manifest, _crd_schema("ray.io_rayservices.yaml"))
+
+
+def test_the_cluster_embedded_in_the_service_passes_the_raycluster_crd() -> None:
+    manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "waterbirds"},
+               "spec": manifest["spec"]["rayClusterConfig"]}
+    jsonschema.validate(cluster, _crd_schema("ray.io_rayclusters.yaml"))
+
+
+def test_launcher_config_has_a_cpu_head_and_gpu_workers() -> None:
+    config = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert types["gpu_workers"]["min_workers"] >= 1 and types["gpu_workers"]["max_workers"] >= 2
+    assert any("pip install ." in c for c in config["setup_commands"])
+    assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])

@@ -1,0 +1,242 @@
+"""Bad requests cannot hurt good ones: hostile input, fuzzing, a failed checkpoint, a crash, overload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from PIL import Image
+
+from load.loadgen import Upload, run_load
+from serve_app.openapi import OPENAPI
+from tests import images
+from tests.conftest import Photo
+from tests.service import Service, deployment, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _post(service: Service, data: bytes, content_type: str = "image/jpeg") -> httpx.Response:
+    return httpx.post(service.url + "/classify", content=data, headers={"Content-Type": content_type}, timeout=60)
+
+
+def _still_serving(service: Service) -> None:
+    response = _post(service, images.jpeg(320, 240))
+    assert response.status_code == 200, response.text
+
+
+def _multipart(files: int) -> tuple[bytes, str]:
+    boundary = "heronheronheron"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b{i}.jpg"\r\n'
+             f"Content-Type: image/jpeg\r\n\r\n".encode() + images.jpeg(32, 32) + b"\r\n" for i in range(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+VALID_ODD = {
+    "gif-3000-frames": (images.many_frame_gif(3000), "image/gif"),
+    "png-16-bit": (images.png16(), "image/png"),
+    "cmyk-jpeg": (images.cmyk_jpeg(), "image/jpeg"),
+    "palette-png-transparent": (images.palette_png_transparent(), "image/png"),
+    "exif-rotated-jpeg": (images.exif_rotated_jpeg(), "image/jpeg"),
+    "webp": (images.encode(images.gradient(), "WEBP"), "image/webp"),
+    "tiff": (images.encode(images.gradient(), "TIFF"), "image/tiff"),
+    "bmp": (images.encode(images.gradient(), "BMP"), "image/bmp"),
+}
+
+HOSTILE = {
+    "empty": (b"", "image/jpeg", 400),
+    "text": (images.TEXT, "image/jpeg", 400),
+    "html": (images.HTML, "image/jpeg", 400),
+    "truncated-jpeg": (images.truncated_jpeg(), "image/jpeg", 400),
+    "png-50000x50000": (images.png_declaring(50_000, 50_000), "image/png", 413),
+    "svg": (images.SVG, "image/svg+xml", 415),
+    "pdf": (images.PDF, "application/octet-stream", 415),
+    "zip": (images.zip_bytes(), "application/octet-stream", 400),
+    "wrong-content-type": (images.jpeg(), "application/json", 415),
+    "ten-files": (*_multipart(10), 400),
+    "multipart-without-file": (*_multipart(0), 400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALID_ODD))
+def test_valid_odd_images_are_answered(service: Service, name: str) -> None:
+    data, content_type = VALID_ODD[name]
+    response = _post(service, data, content_type)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 5
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_input_gets_its_status_and_the_service_carries_on(service: Service, name: str) -> None:
+    data, content_type, status = HOSTILE[name]
+    response = _post(service, data, content_type)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] and error["message"] and "Traceback" not in error["message"]
+    assert "/" not in error["message"].replace("image/*", "").replace("multipart/form-data", "")  # no paths
+    _still_serving(service)
+
+
+def test_30_mib_bodies_with_and_without_content_length(service: Service) -> None:
+    body = os.urandom(30 * 2**20)
+    assert _post(service, body).status_code == 413
+
+    def chunks():  # noqa: ANN202
+        for i in range(0, len(body), 2**20):
+            yield body[i:i + 2**20]
+
+    response = httpx.post(service.url + "/classify", content=chunks(), headers={"Content-Type": "image/jpeg"},
+                          timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    _still_serving(service)
+
+
+def test_slow_drip_upload_is_cut_off(service: Service) -> None:
+    config = load_config()
+    deployment(config, "Ingress")["user_config"]["upload_read_timeout_s"] = 2
+    service.deploy(config)
+    try:
+        data = images.jpeg(64, 64)
+        with socket.create_connection(("127.0.0.1", 8000), timeout=30) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         + f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:10])
+            start = time.monotonic()
+            sock.settimeout(30)
+            reply = b""
+            for byte in data[10:40]:  # one byte a second: never finishes in time
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(1)
+                sock.setblocking(False)
+                try:
+                    reply += sock.recv(65536)
+                except BlockingIOError:
+                    pass
+                sock.setblocking(True)
+                if reply:
+                    break
+            if not reply:
+                reply = sock.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"upload_timeout" in reply
+        assert time.monotonic() - start < 15
+        _still_serving(service)
+    finally:
+        service.deploy(load_config())
+
+
+schema = schemathesis.openapi.from_dict(OPENAPI)
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_schema_driven_fuzz_never_gets_a_server_error(case: schemathesis.Case, service: Service) -> None:
+    response = case.call(base_url=service.url, timeout=60)
+    assert response.status_code < 500 or response.status_code == 503, response.text[:300]
+    if case.path != "/" and response.status_code >= 400:
+        assert set(response.json()["error"]) == {"code", "message"}
+
+
+def test_a_checkpoint_that_does_not_load_keeps_the_old_model_serving(service: Service, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint at all")
+    config = load_config()
+    deployment(config, "Classifier")["user_config"]["checkpoint"] = str(broken)
+    service.deploy(config, wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        message = ""
+        while time.monotonic() < deadline:
+            app = service.status()["applications"]["waterbirds"]
+            message = app["deployments"]["Classifier"].get("message", "") + app.get("message", "")
+            if "broken.pt" in message:
+                break
+            assert _post(service, images.jpeg(320, 240)).status_code == 200  # the old model keeps answering
+            time.sleep(2)
+        assert "broken.pt" in message and "not a readable PyTorch file" in message
+        body = _post(service, images.jpeg(320, 240)).json()
+        assert body["model"]["name"] == "waterbirds-imagenet"
+    finally:
+        service.deploy(load_config())
+
+
+def _classifier_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).startswith(
+        "ray::ServeReplica:waterbirds:Classifier")]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_killing_a_classifier_replica_under_load_fails_no_request(service: Service, photos: list[Photo]) -> None:
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:30]]
+
+    async def scenario() -> tuple[object, list[dict]]:
+        load = asyncio.create_task(run_load(service.url + "/classify", uploads, users=8, seconds=25))
+        await asyncio.sleep(5)
+        os.kill(_classifier_pids()[0], signal.SIGKILL)
+        health = []
+        for _ in range(15):
+            await asyncio.sleep(1)
+            async with httpx.AsyncClient(timeout=30) as client:
+                health.append((await client.get(service.url + "/healthz")).json())
+        return await load, health
+
+    result, health = asyncio.run(scenario())
+    assert result.statuses == {200: len(result.outcomes)}, result.summary()
+    gap = [h for h in health if h["deployments"]["Classifier"]["running"] < 2]
+    assert gap and all(h["status"] == "degraded" for h in gap), "healthz shows the gap"
+    service.wait_running()
+    assert len(_classifier_pids()) == 2
+
+
+def _rss_peaks_mb() -> dict[str, float]:
+    peaks: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        cmd = _cmdline(proc)
+        if proc.name.isdigit() and (cmd.startswith("ray::") or "raylet" in cmd or "gcs_server" in cmd):
+            try:
+                status = (proc / "status").read_text()
+            except OSError:
+                continue
+            hwm = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")), "0")
+            name = cmd.split()[0]
+            peaks[name] = max(peaks.get(name, 0.0), int(hwm) / 1024)
+    return peaks
+
+
+def test_400_users_for_a_minute_every_request_answered_memory_bounded(service: Service,
+                                                                      photos: list[Photo]) -> None:
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
+    result = asyncio.run(run_load(service.url + "/classify", uploads, users=400, seconds=60, timeout_s=90))
+    summary = result.summary()
+    print("400 users, 60 s:", summary)
+    assert set(result.statuses) <= {200, 503}, summary  # nothing failed, nothing lost (status 0)
+    assert result.statuses[200] > 0
+    peaks = _rss_peaks_mb()
+    print("peak RSS (MB):", {k: round(v) for k, v in sorted(peaks.items())})
+    assert max(peaks.values()) < 2048
+    service.wait_running(timeout_s=60)
+    _still_serving(service)
+
+
+def test_never_a_stack_trace_or_path_in_http_errors(service: Service) -> None:
+    image = Image.new("RGB", (8, 8))
+    for body, content_type in ((images.TEXT, "image/png"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "image/png"),
+                               (images.encode(image, "GIF")[:20], "image/gif")):
+        text = _post(service, body, content_type).text
+        assert "Traceback" not in text and "/work" not in text and ".py" not in text
