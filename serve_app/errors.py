@@ -31,6 +31,8 @@ def to_api_error(exc: BaseException, *, retry_after_s: int = 1) -> ApiError:
     that are also instances of the original type, so the same checks cover every stage."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, HTTPException) and exc.status_code < 500:  # Starlette's own refusals, e.g. of a form
+        return ApiError(exc.status_code, "bad_request", str(exc.detail))
     if isinstance(exc, ImageError):
         status = next((s for t, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, t)), 400)
         return ApiError(status, exc.code, _message(exc))

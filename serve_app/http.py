@@ -88,6 +88,8 @@ async def _form_file(request: Request) -> bytes:
         form = await request.form(max_files=1, max_fields=20)
     except MultiPartException as e:
         raise ApiError(400, "bad_multipart", f"The form could not be read: {e.message}") from None
+    except HTTPException as e:  # Starlette 1.x reports form errors this way inside an app
+        raise ApiError(400, "bad_multipart", f"The form could not be read: {e.detail}") from None
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

@@ -221,17 +221,23 @@ def _rss_peaks_mb() -> dict[str, float]:
 
 def test_400_users_for_a_minute_every_request_answered_memory_bounded(service: Service,
                                                                       photos: list[Photo]) -> None:
-    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
-    result = asyncio.run(run_load(service.url + "/classify", uploads, users=400, seconds=60, timeout_s=90))
-    summary = result.summary()
-    print("400 users, 60 s:", summary)
-    assert set(result.statuses) <= {200, 503}, summary  # nothing failed, nothing lost (status 0)
-    assert result.statuses[200] > 0
-    peaks = _rss_peaks_mb()
-    print("peak RSS (MB):", {k: round(v) for k, v in sorted(peaks.items())})
-    assert max(peaks.values()) < 2048
-    service.wait_running(timeout_s=60)
-    _still_serving(service)
+    # The local profile: its queues are sized for this CPU (the production file's are sized for GPUs, where
+    # the same queue is a fraction of a second of work).
+    service.deploy(load_config("serve_config.local.yaml"))
+    try:
+        uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
+        result = asyncio.run(run_load(service.url + "/classify", uploads, users=400, seconds=60, timeout_s=90))
+        summary = result.summary()
+        print("400 users, 60 s:", summary)
+        assert set(result.statuses) <= {200, 503}, summary  # nothing failed, nothing lost (status 0)
+        assert result.statuses[200] > 0
+        peaks = _rss_peaks_mb()
+        print("peak RSS (MB):", {k: round(v) for k, v in sorted(peaks.items())})
+        assert max(peaks.values()) < 2048
+        service.wait_running(timeout_s=60)
+        _still_serving(service)
+    finally:
+        service.deploy(load_config())
 
 
 def test_never_a_stack_trace_or_path_in_http_errors(service: Service) -> None:
