@@ -37,7 +37,7 @@ load: install
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m pip_audit --skip-editable --progress-spinner off
+	$(PY) -m pip_audit --strict --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -122,3 +123,45 @@ async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: floa
         await asyncio.gather(*(user(i) for i in range(users)))
     result.seconds = time.perf_counter() - start
     return result
+
+
+class BackgroundLoad:
+    """Closed-loop load on a thread of its own until `stop()`: traffic in flight while something else happens
+    (a redeploy, a crash, a node going away).
+
+        with BackgroundLoad(url, uploads, users=8) as load:
+            ...
+        result = load.result
+    """
+
+    def __init__(self, url: str, uploads: list[Upload], *, users: int) -> None:
+        self._args = (url, uploads, users)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.result: LoadResult | None = None
+
+    def _run(self) -> None:
+        async def main() -> LoadResult:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            self._ready.set()
+            url, uploads, users = self._args
+            return await run_load(url, uploads, users=users, stop=self._stop)
+
+        self.result = asyncio.run(main())
+
+    def __enter__(self) -> BackgroundLoad:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> LoadResult:
+        if self._loop is not None and self._stop is not None and not self._stop.is_set():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=180)
+        assert self.result is not None, "the load did not finish"
+        return self.result

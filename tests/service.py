@@ -80,6 +80,11 @@ class Service:
             time.sleep(2)
         raise TimeoutError(f"the application did not become healthy in {timeout_s} s; last status: {last}")
 
+    def running_replicas(self, deployment_name: str) -> set[str]:
+        """Replica ids of a deployment's RUNNING replicas, as the dashboard sees them."""
+        app = self.dashboard("/api/serve/applications/").json()["applications"]["waterbirds"]
+        return {r["replica_id"] for r in app["deployments"][deployment_name]["replicas"] if r["state"] == "RUNNING"}
+
     def replica_logs(self, deployment_name: str) -> dict[str, list[dict[str, Any]]]:
         """JSON log records of each replica of a deployment, by replica id."""
         records: dict[str, list[dict[str, Any]]] = {}

@@ -3,16 +3,14 @@ nodes, and a GPU node stopped while requests flow."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from load.loadgen import LoadResult, Upload, run_load
+from load.loadgen import BackgroundLoad, Upload
 from tests.conftest import Photo
 from tests.service import ENV, ROOT, Service, ray_is_running
 
@@ -47,6 +45,7 @@ def _replicas(service: Service, deployment: str) -> list[dict]:
     return [r for r in app["deployments"][deployment]["replicas"] if r["state"] == "RUNNING"]
 
 
+
 def test_classifiers_run_one_per_gpu_node_and_serve(cluster: Service, mapped_photos: list[Photo]) -> None:
     nodes = _nodes(cluster)
     gpu_nodes = {i for i, n in nodes.items() if n["resources_total"].get("GPU", 0) >= 1}
@@ -69,33 +68,12 @@ def test_classifiers_run_one_per_gpu_node_and_serve(cluster: Service, mapped_pho
 
 def test_stopping_a_gpu_node_under_load_loses_no_request(cluster: Service, photos: list[Photo]) -> None:
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:30]]
-    done: list[LoadResult] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        async def main() -> LoadResult:
-            flag = asyncio.Event()
-
-            async def watch() -> None:
-                while not stop.is_set():
-                    await asyncio.sleep(0.1)
-                flag.set()
-
-            watcher = asyncio.create_task(watch())
-            result = await run_load(cluster.url + "/classify", uploads, users=8, stop=flag)
-            watcher.cancel()
-            return result
-
-        done.append(asyncio.run(main()))
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    time.sleep(5)
-    _local("stop-worker", "1")
-    time.sleep(20)  # requests keep flowing on the other GPU node
-    stop.set()
-    thread.join(timeout=120)
-    result = done[0]
+    with BackgroundLoad(cluster.url + "/classify", uploads, users=8) as load:
+        time.sleep(5)
+        _local("stop-worker", "1")
+        time.sleep(20)  # requests keep flowing on the other GPU node
+    result = load.result
+    assert result is not None
     assert result.statuses == {200: len(result.outcomes)}, result.summary()
     assert len(result.outcomes) > 30
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from load.loadgen import LoadResult, Upload, run_load
+from load.loadgen import BackgroundLoad, Upload, run_load
 from tests import images
 from tests.conftest import Photo
 from tests.service import Service, deployment, load_config
@@ -131,7 +130,8 @@ def test_two_classifier_replicas_get_distinct_gpus_and_both_serve(service: Servi
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:40]]
     result = asyncio.run(run_load(service.url + "/classify", uploads, users=16, requests_per_user=8))
     assert result.statuses == {200: 128}
-    logs = service.replica_logs("Classifier")
+    running = service.running_replicas("Classifier")
+    logs = {replica: records for replica, records in service.replica_logs("Classifier").items() if replica in running}
     assert len(logs) == 2
     gpus = set()
     for records in logs.values():
@@ -144,60 +144,33 @@ def test_two_classifier_replicas_get_distinct_gpus_and_both_serve(service: Servi
     assert gpus == {"'0'", "'1'"}
 
 
-def _load_in_background(service: Service, uploads: list[Upload], users: int) -> tuple[threading.Event, list]:
-    done: list[LoadResult] = []
-    stop_flag = threading.Event()
-
-    def work() -> None:
-        async def main() -> LoadResult:
-            stop = asyncio.Event()
-
-            async def watch() -> None:
-                while not stop_flag.is_set():
-                    await asyncio.sleep(0.1)
-                stop.set()
-
-            watcher = asyncio.create_task(watch())
-            result = await run_load(service.url + "/classify", uploads, users=users, stop=stop)
-            watcher.cancel()
-            return result
-
-        done.append(asyncio.run(main()))
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    return stop_flag, [thread, done]
-
-
 def test_redeploy_with_a_new_checkpoint_swaps_in_place_with_no_failed_request(
         service: Service, photos: list[Photo], tmp_path: Path) -> None:
     checkpoint = tmp_path / "lite0-copy.pt"
     subprocess.run([sys.executable, "-m", "bcnn", "convert", "default", "--out", str(checkpoint)], check=True)
-    replicas_before = set(service.replica_logs("Classifier"))
+    replicas_before = service.running_replicas("Classifier")
     config = load_config()
     user_config = deployment(config, "Classifier")["user_config"]
     user_config.update(checkpoint=str(checkpoint), waterbird_threshold=0.25)
     deployment(config, "Ingress")["user_config"]["default_top_k"] = 3
 
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:30]]
-    stop, (thread, done) = _load_in_background(service, uploads, users=6)
     try:
-        service.deploy(config)
-        for _ in range(120):
-            body = _post(service, uploads[0].data).json()
-            if body["model"]["name"] == "lite0-copy" and len(body["predictions"]) == 3:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(f"the new model never answered: {body}")
+        with BackgroundLoad(service.url + "/classify", uploads, users=6) as load:
+            service.deploy(config)
+            for _ in range(120):
+                body = _post(service, uploads[0].data).json()
+                if body["model"]["name"] == "lite0-copy" and len(body["predictions"]) == 3:
+                    break
+                time.sleep(1)
+            else:
+                pytest.fail(f"the new model never answered: {body}")
+        result = load.result
+        assert result is not None and len(result.outcomes) > 20
+        assert result.statuses == {200: len(result.outcomes)}, result.summary()
+        assert service.running_replicas("Classifier") == replicas_before  # reconfigured in place, not restarted
     finally:
-        stop.set()
-        thread.join(timeout=120)
-    result: LoadResult = done[0]
-    assert len(result.outcomes) > 20
-    assert result.statuses == {200: len(result.outcomes)}, result.summary()
-    assert set(service.replica_logs("Classifier")) == replicas_before  # reconfigured in place, not restarted
-    service.deploy(load_config())
+        service.deploy(load_config())
 
 
 def test_full_queues_answer_503_with_retry_after(service: Service, photos: list[Photo]) -> None:
