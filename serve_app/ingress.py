@@ -39,10 +39,11 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_http_app(self, IngressMetrics())
 
-    async def model_card(self, *, refresh: bool = False) -> ModelCard:
-        """The classifiers' model: its preprocessing travels with every request to the preprocessors."""
+    async def model_card(self, *, seen_version: str | None = None) -> ModelCard:
+        """The classifiers' model: its preprocessing travels with every request to the preprocessors. Fetched
+        again once a response shows a version other than the cached one (a swap landed), once per swap."""
         async with self._card_lock:
-            if self._card is None or refresh:
+            if self._card is None or (seen_version is not None and self._card.version != seen_version):
                 self._card = await self.classifier.card.remote()
             return self._card
 
@@ -56,7 +57,7 @@ class Ingress:
             log.warning("replica lost (%s); retrying once", type(e).__name__)
             result = await self._run(data, card, top_k)
         if result.model_version != card.version:
-            await self.model_card(refresh=True)  # a model swap landed: later requests use its preprocessing
+            await self.model_card(seen_version=result.model_version)
         return result
 
     async def _run(self, data: bytes, card: ModelCard, top_k: int) -> Classified:
