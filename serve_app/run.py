@@ -61,15 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nService:   http://127.0.0.1:8000   (page at /, API at /classify, /healthz, /labels)\n"
           f"Dashboard: http://127.0.0.1:{DASHBOARD_PORT}   (token: ~/.ray/auth_token)\n"
           f"Metrics:   http://127.0.0.1:{METRICS_PORT}/metrics\nCtrl-C stops the service.\n", flush=True)
-    serve = subprocess.Popen([str(BIN / "serve"), "run", "--address=auto", args.config], env=env)
-    # A supervisor's SIGTERM must reach `serve run` too, or it outlives us, retrying a cluster that is gone.
-    signal.signal(signal.SIGTERM, lambda *_: serve.send_signal(signal.SIGINT))
+    # Started as a background job, a process inherits SIGINT ignored: restore Ctrl-C for us and for `serve run`.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    serve = subprocess.Popen([str(BIN / "serve"), "run", "--address=auto", args.config], env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A supervisor's SIGTERM must reach `serve run` too, or it outlives us; `ray stop` below cleans up after it.
+    signal.signal(signal.SIGTERM, lambda *_: serve.terminate())
     try:
         while True:
             try:
                 return serve.wait()
             except KeyboardInterrupt:
-                continue  # `serve run` got the same Ctrl-C and is shutting the application down
+                # A terminal's Ctrl-C reached `serve run` too; a SIGINT sent to us alone must be passed on.
+                serve.send_signal(signal.SIGINT)
     finally:
         if started:
             subprocess.run([str(BIN / "ray"), "stop"], env=env, check=False)
