@@ -36,6 +36,7 @@ stop_worker() {  # stop one node's raylet; its worker processes exit with it
 
 case "${1:-}" in
   up)
+    [ -f ~/.ray/auth_token ] || [ -n "${RAY_AUTH_TOKEN:-}" ] || $RAY get-auth-token --generate >/dev/null
     $RAY start --head --port=6379 --num-cpus=6 --num-gpus=0 --resources='{"head_node": 1}' \
       --dashboard-host=127.0.0.1 --metrics-export-port=8080 --disable-usage-stats >/dev/null
     echo "head node started (no GPUs)"

@@ -67,10 +67,11 @@ def _load(url: str, uploads: list[Upload], users: int, seconds: float) -> dict[s
 
 
 def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) -> dict[str, Any]:
-    from serve_app.run import ray_start_command
+    from serve_app.run import ensure_auth_token, ray_start_command
 
     env = _env()
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    ensure_auth_token(env)
     subprocess.run(ray_start_command(), env=env, check=True, capture_output=True)
     config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
     path = RESULTS / ".bench-config.yaml"

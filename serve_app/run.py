@@ -42,6 +42,13 @@ def ray_start_command(*, num_cpus: int | None = None, num_gpus: int | None = Non
     return command
 
 
+def ensure_auth_token(env: dict[str, str]) -> None:
+    """A new machine has no token yet, and with RAY_AUTH_MODE=token `ray start` refuses to start without one."""
+    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+
+
 def ray_running(env: dict[str, str]) -> bool:
     status = subprocess.run([str(BIN / "ray"), "status"], env=env, capture_output=True, text=True)
     return status.returncode == 0
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if ray_running(env):
         print(f"Using the Ray already running at 127.0.0.1:{GCS_PORT}.", flush=True)
     else:
+        ensure_auth_token(env)
         subprocess.run(ray_start_command(), env=env, check=True)
         started = True
     print(f"\nService:   http://127.0.0.1:8000   (page at /, API at /classify, /healthz, /labels)\n"

@@ -109,8 +109,9 @@ def start_service(workdir: Path, config: dict[str, Any], *, num_cpus: int = 8, n
     if ray_is_running():
         raise RuntimeError("A Ray cluster is already running on this machine (make serve?). The service tests "
                            "start their own; stop it first with `.venv/bin/ray stop`.")
-    from serve_app.run import ray_start_command
+    from serve_app.run import ensure_auth_token, ray_start_command
 
+    ensure_auth_token(ENV)
     run(ray_start_command(num_cpus=num_cpus, num_gpus=num_gpus))
     try:
         service = Service(f"http://127.0.0.1:{SERVE_PORT}", workdir)
