@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from serve_app.run import SERVE_ENV
+from serve_app.run import SERVE_ENV, ray_running
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -101,12 +101,8 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def ray_is_running() -> bool:
-    return subprocess.run([str(BIN / "ray"), "status"], env=ENV, capture_output=True).returncode == 0
-
-
 def start_service(workdir: Path, config: dict[str, Any], *, num_cpus: int = 8, num_gpus: int = 2) -> Iterator[Service]:
-    if ray_is_running():
+    if ray_running(ENV):
         raise RuntimeError("A Ray cluster is already running on this machine (make serve?). The service tests "
                            "start their own; stop it first with `.venv/bin/ray stop`.")
     from serve_app.run import ensure_auth_token, ray_start_command

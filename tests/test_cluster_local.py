@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from load.loadgen import BackgroundLoad, Upload
+from serve_app.run import ray_running
 from tests.conftest import Photo
-from tests.service import ENV, ROOT, Service, ray_is_running
+from tests.service import ENV, ROOT, Service
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 LOCAL = ROOT / "cluster" / "local.sh"
@@ -24,7 +25,7 @@ def _local(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    if ray_is_running():
+    if ray_running(ENV):
         raise RuntimeError("A Ray cluster is already running here; stop it (`.venv/bin/ray stop`) first.")
     try:
         _local("up")
@@ -43,7 +44,6 @@ def _nodes(service: Service) -> dict[str, dict]:
 def _replicas(service: Service, deployment: str) -> list[dict]:
     app = service.dashboard("/api/serve/applications/").json()["applications"]["waterbirds"]
     return [r for r in app["deployments"][deployment]["replicas"] if r["state"] == "RUNNING"]
-
 
 
 def test_classifiers_run_one_per_gpu_node_and_serve(cluster: Service, mapped_photos: list[Photo]) -> None:
