@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,12 +18,25 @@ from ray import serve
 from bcnn.predict import Answer, Predictor
 from bcnn.weights import get_weights
 from deployments.config import ClassifierConfig
-from deployments.messages import Classified, ModelCard, Prepared
+from deployments.messages import Classified, ModelCard, Outcome, PreparedBatch
 from deployments.metrics import ClassifierMetrics
 
 log = logging.getLogger("ray.serve")
 
 _MODEL_FIELDS = ("checkpoint", "classes_file")
+
+
+@dataclass(frozen=True)
+class _Images:
+    """Part of one caller's batch, at most one forward pass in size."""
+
+    images: torch.Tensor
+    top_ks: list[int]
+    preprocess_ms: tuple[float, ...]
+
+
+def _count_images(parts: list[_Images]) -> int:
+    return sum(len(p.top_ks) for p in parts)
 
 
 @serve.deployment(name="Classifier", user_config={}, ray_actor_options={"num_cpus": 1})
@@ -88,30 +103,40 @@ class Classifier:
         return ModelCard(weights.name, weights.version, predictor.labels, weights.preprocess,
                          str(predictor.device))
 
-    async def __call__(self, prepared: Prepared, top_k: int) -> Classified:
-        return await self._classify_batch((prepared, top_k))
+    async def __call__(self, batch: PreparedBatch, top_ks: list[int]) -> list[Outcome]:
+        """Answers a batch of uploads in upload order; refused ones keep their error. A batch larger than one
+        forward pass is split; `@serve.batch` merges small ones from concurrent callers into one pass."""
+        self._require_model()
+        assert self.config is not None
+        usable = [p for p in range(batch.size) if p not in batch.rejected]
+        step = self.config.max_batch_size
+        parts = [_Images(batch.images[i:i + step], [top_ks[p] for p in usable[i:i + step]],
+                         batch.preprocess_ms[i:i + step]) for i in range(0, len(usable), step)]
+        answers = itertools.chain.from_iterable(await asyncio.gather(*map(self._classify_batch, parts)))
+        log.info("classified %d of %d uploads", len(usable), batch.size, extra={"request_ids": batch.request_ids})
+        return [batch.rejected[p] if p in batch.rejected else next(answers) for p in range(batch.size)]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.003)
-    async def _classify_batch(self, requests: list[tuple[Prepared, int]]) -> list[Classified]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_count_images)
+    async def _classify_batch(self, parts: list[_Images]) -> list[list[Classified]]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
         config = self.config
         assert config is not None
         size = predictor.weights.preprocess.crop_size
-        images = torch.stack([_fit(p.image, size) for p, _ in requests])
+        images = torch.cat([_fit(p.images, size) for p in parts])
+        top_ks = [k for p in parts for k in p.top_ks]
         start = time.perf_counter()
         if config.skip_forward:
-            logits = torch.zeros(len(requests), len(predictor.weights.categories))
+            logits = torch.zeros(len(images), len(predictor.weights.categories))
         else:
             logits = await asyncio.get_running_loop().run_in_executor(
                 self._inference, _forward, predictor, images, config.torch_threads)
         inference_ms = (time.perf_counter() - start) * 1000
         self.metrics.latency.observe(inference_ms)
-        self.metrics.batch_size.observe(len(requests))
-        answers = predictor.answers(logits, top_k=max(k for _, k in requests))
+        self.metrics.batch_size.observe(len(images))
         weights = predictor.weights
-        return [Classified(_truncate(answer, k), weights.name, weights.version, prepared.preprocess_ms,
-                           inference_ms, len(requests))
-                for answer, (prepared, k) in zip(answers, requests, strict=True)]
+        answers = iter(predictor.answers(logits, top_k=max(top_ks)))
+        return [[Classified(_truncate(next(answers), k), weights.name, weights.version, ms, inference_ms, len(images))
+                 for k, ms in zip(p.top_ks, p.preprocess_ms, strict=True)] for p in parts]
 
     def _require_model(self) -> Predictor:
         if self.predictor is None:
@@ -129,12 +154,12 @@ def _forward(predictor: Predictor, images: torch.Tensor, threads: int) -> torch.
     return predictor.logits(images)
 
 
-def _fit(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Only during a swap to a model with another input size can a tensor arrive at the old size."""
-    if image.shape[-1] == size and image.shape[-2] == size:
-        return image
-    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Only during a swap to a model with another input size can images arrive at the old size."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 def _truncate(answer: Answer, top_k: int) -> Answer:

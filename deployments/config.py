@@ -20,16 +20,19 @@ class ClassifierConfig(_Strict):
     checkpoint: str = Field("default", description="'default' (embedded Lite0), a registry name, or a file path")
     classes_file: str | None = Field(None, description="class list for a 2019 service checkpoint")
     waterbird_threshold: float = Field(DEFAULT_WATERBIRD_THRESHOLD, ge=0.0, le=1.0)
-    # 8 fills a CPU core's forward pass best here (README, "Performance"); a GPU takes 32 or more.
-    max_batch_size: int = Field(8, ge=1, le=256)
-    # Long enough to gather requests already in flight, short against a ~20 ms CPU forward pass.
-    batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0)
+    # A CPU core is fastest per image at 1-4 (README, "Performance"); a GPU takes 32 or more.
+    max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
+    batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
     torch_threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")
     skip_forward: bool = Field(False, description="bench only: answer without running the model")
 
 
 class IngressConfig(_Strict):
     default_top_k: int = Field(5, ge=1, le=100)
+    # Uploads in flight are gathered into one call per stage: Serve's cost per call is paid once per batch.
+    max_batch_size: int = Field(8, ge=1, le=256, description="uploads per call to the Preprocessor and Classifier")
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="wait for a batch to fill")
+    max_pending: int = Field(64, ge=1, description="uploads held at once; beyond it 503 before reading the body")
     max_body_mb: float = Field(20.0, gt=0, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")

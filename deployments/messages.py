@@ -1,4 +1,8 @@
-"""What crosses the hops between stages: uint8 tensors and small results, never floats or PIL images."""
+"""What crosses the hops between stages: uint8 tensors and small results, never floats or PIL images.
+
+Uploads travel in batches (the ingress gathers the requests in flight): one call per stage carries many images,
+so Serve's per-call cost is paid once per batch rather than once per image.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,25 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from bcnn.predict import Answer
-from bcnn.preprocess import Preprocess
+from bcnn.preprocess import ImageError, Preprocess
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """Preprocessor -> Classifier: the image as a uint8 [3, H, W] tensor, plus what the metrics need."""
+class PreparedBatch:
+    """Preprocessor -> Classifier: a batch of uploads, the usable ones as one uint8 [N, 3, H, W] tensor in upload
+    order, each refused one as its error (kept by position, answered by the ingress as that request's error)."""
 
-    image: Tensor
-    pixels: int
-    preprocess_ms: float
+    images: Tensor
+    preprocess_ms: tuple[float, ...]
+    """one per image"""
+    rejected: dict[int, ImageError]
+    """upload position -> why it was refused"""
+    request_ids: tuple[str, ...]
+    """one per upload, for the logs: a batch has no single request id of its own"""
+
+    @property
+    def size(self) -> int:
+        return len(self.request_ids)
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class Classified:
-    """Classifier -> Ingress."""
+    """Classifier -> Ingress, one per usable upload."""
 
     answer: Answer
     model_name: str
@@ -38,3 +51,7 @@ class Classified:
     preprocess_ms: float
     inference_ms: float
     batch_size: int
+
+
+Outcome = Classified | ImageError
+"""What the pipeline answers for each upload of a batch."""

@@ -1,4 +1,4 @@
-"""CPU replicas that turn upload bytes into uint8 tensors with `bcnn.preprocess_image`."""
+"""CPU replicas that turn batches of upload bytes into uint8 tensors with `bcnn.load_image`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from ray import serve
 
-from bcnn.preprocess import Preprocess, load_image
+from bcnn.preprocess import ImageError, Preprocess, load_image
 from deployments.config import PreprocessorConfig
-from deployments.messages import Prepared
+from deployments.messages import PreparedBatch
 from deployments.metrics import PreprocessorMetrics
 
 log = logging.getLogger("ray.serve")
@@ -19,7 +19,7 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(name="Preprocessor", user_config={}, ray_actor_options={"num_cpus": 1})
 class Preprocessor:
-    """Stateless apart from its limits: the model's preprocessing arrives with each request, so a model swap
+    """Stateless apart from its limits: the model's preprocessing arrives with each batch, so a model swap
     on the classifiers never leaves the preprocessors behind."""
 
     def __init__(self) -> None:
@@ -30,14 +30,27 @@ class Preprocessor:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = PreprocessorConfig(**user_config)
 
-    def __call__(self, data: bytes, preprocess: Preprocess) -> Prepared:
-        start = time.perf_counter()
-        loaded = load_image(data, preprocess, max_pixels=self.config.max_pixels)
-        elapsed = (time.perf_counter() - start) * 1000
-        pixels = loaded.width * loaded.height
-        self.metrics.latency.observe(elapsed)
-        self.metrics.pixels.observe(pixels)
-        return Prepared(image=loaded.tensor, pixels=pixels, preprocess_ms=elapsed)
+    def __call__(self, uploads: list[bytes], preprocess: Preprocess, request_ids: tuple[str, ...]) -> PreparedBatch:
+        """A bad upload is refused on its own; the others of its batch go on."""
+        images: list[torch.Tensor] = []
+        timings: list[float] = []
+        rejected: dict[int, ImageError] = {}
+        for position, data in enumerate(uploads):
+            start = time.perf_counter()
+            try:
+                loaded = load_image(data, preprocess, max_pixels=self.config.max_pixels)
+            except ImageError as e:
+                rejected[position] = e
+                continue
+            elapsed = (time.perf_counter() - start) * 1000
+            images.append(loaded.tensor)
+            timings.append(elapsed)
+            self.metrics.latency.observe(elapsed)
+            self.metrics.pixels.observe(loaded.width * loaded.height)
+        log.info("prepared %d of %d uploads", len(images), len(uploads), extra={"request_ids": request_ids})
+        size = preprocess.crop_size
+        batch = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return PreparedBatch(batch, tuple(timings), rejected, request_ids)
 
     def check_health(self) -> None:
         """Nothing to load: a replica that answers is healthy."""

@@ -67,10 +67,10 @@ def _load(url: str, uploads: list[Upload], users: int, seconds: float) -> dict[s
 
 
 def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) -> dict[str, Any]:
-    from serve_app.run import ensure_auth_token, ray_start_command
+    from serve_app.run import ensure_auth_token, ray_start_command, stop_ray
 
     env = _env()
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    stop_ray(env, force=True)
     ensure_auth_token(env)
     subprocess.run(ray_start_command(), env=env, check=True, capture_output=True)
     config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
@@ -94,7 +94,7 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
         return {"ours": ours, "ceiling": ceiling}
     finally:
         path.unlink(missing_ok=True)
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+        stop_ray(env, force=True)
 
 
 def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:

@@ -18,6 +18,13 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+class Overloaded(Exception):
+    """The ingress already holds as many uploads as it admits."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} uploads are already in progress")
+
+
 IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
     EmptyImage: 400,
     InvalidImage: 400,
@@ -36,7 +43,7 @@ def to_api_error(exc: BaseException, *, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, ImageError):
         status = next((s for t, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, t)), 400)
         return ApiError(status, exc.code, _message(exc))
-    if isinstance(exc, BackPressureError):
+    if isinstance(exc, BackPressureError | Overloaded):
         return ApiError(503, "overloaded", "The service is at capacity; try again shortly.",
                         {"Retry-After": str(retry_after_s)})
     if isinstance(exc, TimeoutError):

@@ -4,6 +4,7 @@ ingress deployment (`serve_app.ingress`), seen here only through the `Pipeline` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -31,7 +32,9 @@ log = logging.getLogger("ray.serve")
 class Pipeline(Protocol):
     config: IngressConfig
 
-    async def classify(self, data: bytes, top_k: int) -> Classified: ...
+    def admission(self) -> contextlib.AbstractContextManager[None]: ...
+
+    async def classify(self, data: bytes, top_k: int, request_id: str) -> Classified: ...
 
     async def model_card(self) -> ModelCard: ...
 
@@ -168,9 +171,10 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         request_id = request.headers.get("x-request-id", "")
         try:
             top_k = _top_k(request, config.default_top_k)
-            async with asyncio.timeout(config.request_timeout_s):
-                data = await read_upload(request, config)
-                result = await pipeline.classify(data, top_k)
+            with pipeline.admission():
+                async with asyncio.timeout(config.request_timeout_s):
+                    data = await read_upload(request, config)
+                    result = await pipeline.classify(data, top_k, request_id)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
             error = to_api_error(e, retry_after_s=config.retry_after_s)
             if error.status >= 500 and error.status != 503:

@@ -1,10 +1,14 @@
-"""The ingress deployment: the HTTP app's pipeline. Bytes go to a Preprocessor, its uint8 tensor straight on
-to a Classifier (the ingress never receives it), the small answer comes back."""
+"""The ingress deployment: the HTTP app's pipeline. Uploads in flight are gathered into batches; each batch's
+bytes go to a Preprocessor in one call, its uint8 tensors on to a Classifier in one call, small answers come back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -12,15 +16,27 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
+from bcnn.preprocess import ImageError
 from deployments.config import IngressConfig
-from deployments.messages import Classified, ModelCard
+from deployments.messages import Classified, ModelCard, Outcome
 from deployments.metrics import IngressMetrics
+from serve_app.errors import Overloaded
 from serve_app.http import build_http_app
 
 log = logging.getLogger("ray.serve")
 
 HEALTH_TIMEOUT_S = 5.0
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
+# Batches of uploads in flight from one ingress replica at once: enough to keep a Preprocessor and several
+# Classifiers busy at the same time. More ingress replicas give more.
+CONCURRENT_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class _Upload:
+    data: bytes
+    top_k: int
+    request_id: str
 
 
 @serve.deployment(name="Ingress", user_config={}, ray_actor_options={"num_cpus": 0.5})
@@ -32,9 +48,24 @@ class Ingress:
         self.config = IngressConfig()
         self._card: ModelCard | None = None
         self._card_lock = asyncio.Lock()
+        self._admitted = 0
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig(**user_config)
+        self._pipeline.set_max_batch_size(self.config.max_batch_size)
+        self._pipeline.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Holds one of the `max_pending` places from before the upload is read until it is answered; with all
+        taken, the request is refused at once, before its body costs anything."""
+        if self._admitted >= self.config.max_pending:
+            raise Overloaded(self.config.max_pending)
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_http_app(self, IngressMetrics())
@@ -47,22 +78,26 @@ class Ingress:
                 self._card = await self.classifier.card.remote()
             return self._card
 
-    async def classify(self, data: bytes, top_k: int) -> Classified:
-        card = await self.model_card()
+    async def classify(self, data: bytes, top_k: int, request_id: str) -> Classified:
+        upload = _Upload(data, top_k, request_id)
         try:
-            result = await self._run(data, card, top_k)
+            outcome = await self._pipeline(upload)
         except _REPLICA_LOST as e:
-            # The replica died mid-request (a crash, a node gone): the bytes are still here, so try once more;
+            # A replica died mid-request (a crash, a node gone): the bytes are still here, so try once more;
             # Serve routes around the dead replica.
             log.warning("replica lost (%s); retrying once", type(e).__name__)
-            result = await self._run(data, card, top_k)
-        if result.model_version != card.version:
-            await self.model_card(seen_version=result.model_version)
-        return result
+            outcome = await self._pipeline(upload)
+        if isinstance(outcome, ImageError):
+            raise outcome
+        await self.model_card(seen_version=outcome.model_version)  # refreshes the cached card after a swap
+        return outcome
 
-    async def _run(self, data: bytes, card: ModelCard, top_k: int) -> Classified:
-        prepared = self.preprocessor.remote(data, card.preprocess)
-        return await self.classifier.remote(prepared, top_k)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
+    async def _pipeline(self, uploads: list[_Upload]) -> list[Outcome]:
+        card = await self.model_card()
+        prepared = self.preprocessor.remote([u.data for u in uploads], card.preprocess,
+                                            tuple(u.request_id for u in uploads))
+        return await self.classifier.remote(prepared, [u.top_k for u in uploads])
 
     async def health(self) -> dict[str, object]:
         """Each stage answers (one replica of each is asked), plus Serve's view of every deployment, so that a

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from serve_app.run import SERVE_ENV, ray_running
+from serve_app.run import SERVE_ENV, ray_running, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -114,4 +114,4 @@ def start_service(workdir: Path, config: dict[str, Any], *, num_cpus: int = 8, n
         service.deploy(config)
         yield service
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        stop_ray(ENV, force=True)

@@ -72,7 +72,9 @@ def test_top_k_and_request_id_reach_the_replica_logs(service: Service, mapped_ph
     assert len(fresh.headers["x-request-id"]) >= 16 and fresh.json()["request_id"] == fresh.headers["x-request-id"]
     for name in ("Ingress", "Preprocessor", "Classifier"):
         records = [r for logs in service.replica_logs(name).values() for r in logs]
-        assert any(r.get("request_id") == "heron-check-42" for r in records), name
+        # The ingress logs each request; the stages behind it log each batch with the ids of its uploads.
+        assert any(r.get("request_id") == "heron-check-42" or "heron-check-42" in r.get("request_ids", [])
+                   for r in records), name
 
 
 @pytest.mark.parametrize(("body", "content_type", "status", "code"), [
@@ -173,11 +175,10 @@ def test_redeploy_with_a_new_checkpoint_swaps_in_place_with_no_failed_request(
         service.deploy(load_config())
 
 
-def test_full_queues_answer_503_with_retry_after(service: Service, photos: list[Photo]) -> None:
+def test_full_ingress_answers_503_with_retry_after_before_reading_the_body(service: Service,
+                                                                          photos: list[Photo]) -> None:
     config = load_config()
-    classifier = deployment(config, "Classifier")
-    classifier.update(max_ongoing_requests=1, max_queued_requests=1)
-    classifier["user_config"] = {**classifier["user_config"], "max_batch_size": 1}
+    deployment(config, "Ingress")["user_config"]["max_pending"] = 4
     service.deploy(config)
     try:
         uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:20]]
@@ -189,6 +190,31 @@ def test_full_queues_answer_503_with_retry_after(service: Service, photos: list[
         assert overloaded.json()["error"]["code"] == "overloaded"
     finally:
         service.deploy(load_config())
+
+
+def test_concurrent_uploads_travel_in_batches_and_a_bad_one_fails_alone(service: Service,
+                                                                        mapped_photos: list[Photo]) -> None:
+    good = mapped_photos[:6]
+    bad = {"truncated": (images.truncated_jpeg(), 400), "svg": (images.SVG, 415), "text": (images.TEXT, 400)}
+
+    async def flood() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            def post(data: bytes, request_id: str):  # noqa: ANN202
+                return client.post(service.url + "/classify", content=data,
+                                   headers={"Content-Type": "image/jpeg", "X-Request-ID": request_id})
+            goods = [post(p.path.read_bytes(), f"batch-good-{i}") for i, p in enumerate(good)]
+            bads = [post(data, f"batch-bad-{name}") for name, (data, _) in bad.items()]
+            responses = await asyncio.gather(*goods, *bads)
+            return responses[:len(goods)], responses[len(goods):]
+
+    for _ in range(10):
+        goods, bads = asyncio.run(flood())
+        assert [r.json()["predictions"][0]["label"] for r in goods] == [p.imagenet_label for p in good]
+        assert [r.status_code for r in bads] == [status for _, status in bad.values()]
+        batches = [r.get("request_ids", []) for logs in service.replica_logs("Preprocessor").values() for r in logs]
+        if any(len(ids) > 1 and any(i.startswith("batch-bad-") for i in ids) for ids in batches):
+            return  # a bad upload shared a batch with others, and only it failed
+    pytest.fail("concurrent uploads never travelled together in one batch")
 
 
 async def _first_503(service: Service, uploads: list[Upload]) -> httpx.Response:
