@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 RAY=.venv/bin/ray
 SERVE=.venv/bin/serve
 PY=.venv/bin/python
-export RAY_AUTH_MODE=token RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+# Like the production cluster: Serve's own proxy, not HAProxy (whatever the calling environment says).
+export RAY_AUTH_MODE=token RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=0
 CONFIG=/tmp/waterbirds-local-cluster.yaml
 
 head_address() {
@@ -57,7 +58,7 @@ PY
     $SERVE deploy "$CONFIG"
     echo "deployed serve_config.yaml; http://127.0.0.1:8000  (cluster/local.sh status)"
     ;;
-  down) $RAY stop --force ;;
+  down) $PY -c 'import os; from serve_app.run import stop_ray; stop_ray(dict(os.environ), force=True)' ;;
   status) $RAY status; $SERVE status ;;
   stop-worker) stop_worker "${2:?which worker: 1 or 2}" ;;
   start-worker) start_worker "${2:?which worker: 1 or 2}" ;;
