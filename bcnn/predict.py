@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from bcnn.allocator import keep_freed_memory
 from bcnn.models import build_model, prepare_for_inference
 from bcnn.weights import Weights
 
@@ -49,6 +50,7 @@ class Predictor:
 
     def __init__(self, weights: Weights, *, device: str | torch.device | None = None,
                  threshold: float = DEFAULT_WATERBIRD_THRESHOLD) -> None:
+        keep_freed_memory()  # process-wide, idempotent: every forward pass reuses its buffers (bcnn/allocator.py)
         self.weights = weights
         self.device = pick_device(str(device) if device else None)
         self.threshold = threshold

@@ -1,0 +1,28 @@
+"""Keep the forward pass's freed buffers in the process instead of handing them back to the kernel.
+
+glibc's malloc returns large freed blocks to the kernel at once (mmap threshold, heap trimming), so every forward
+pass maps its activation buffers afresh and page-faults them in: on the development CPU, about 3,500 page faults
+and a quarter of the time of one EfficientNet-Lite0 forward pass (33 ms -> 25 ms, no page faults, once kept).
+Peak memory does not change: the same buffers are reused instead of remapped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_BYTES = 32 * 2**20  # glibc's largest mmap threshold on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process. Returns False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 4 * _KEEP_BYTES))
