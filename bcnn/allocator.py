@@ -9,20 +9,19 @@ Peak memory does not change: the same buffers are reused instead of remapped.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _KEEP_BYTES = 32 * 2**20  # glibc's largest mmap threshold on 64-bit
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process. Returns False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    """Raise glibc's mmap and trim thresholds for this process, once. False where the C library has no such
+    settings (not glibc)."""
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
+    except AttributeError:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 4 * _KEEP_BYTES))

@@ -50,7 +50,7 @@ class Predictor:
 
     def __init__(self, weights: Weights, *, device: str | torch.device | None = None,
                  threshold: float = DEFAULT_WATERBIRD_THRESHOLD) -> None:
-        keep_freed_memory()  # process-wide, idempotent: every forward pass reuses its buffers (bcnn/allocator.py)
+        keep_freed_memory()  # once per process: every forward pass reuses its buffers (bcnn/allocator.py)
         self.weights = weights
         self.device = pick_device(str(device) if device else None)
         self.threshold = threshold

@@ -20,7 +20,7 @@ class ClassifierConfig(_Strict):
     checkpoint: str = Field("default", description="'default' (embedded Lite0), a registry name, or a file path")
     classes_file: str | None = Field(None, description="class list for a 2019 service checkpoint")
     waterbird_threshold: float = Field(DEFAULT_WATERBIRD_THRESHOLD, ge=0.0, le=1.0)
-    # A CPU core is fastest per image at 1-4 (README, "Performance"); a GPU takes 32 or more.
+    # On a CPU core 1-4 images per pass cost about the same per image (README, "Results"); a GPU takes 32 or more.
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
     batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
     torch_threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")

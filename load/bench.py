@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -73,7 +74,7 @@ def _serving_overhead(url: str, uploads: list[Upload], requests: int = 100) -> d
     between phases cannot enter it."""
     rows = []
     with httpx.Client(timeout=60) as client:
-        for upload in (uploads * (requests // len(uploads) + 1))[:requests]:
+        for upload in itertools.islice(itertools.cycle(uploads), requests):
             start = time.perf_counter()
             response = client.post(url, content=upload.data, headers={"Content-Type": "image/jpeg"})
             latency_ms = (time.perf_counter() - start) * 1000
