@@ -60,9 +60,13 @@ class BCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         f = self.features(x)
-        z = bilinear_pool(f.float())  # the outer product overflows fp16 and loses too much in bf16
-        z = F.normalize(signed_sqrt(z), dim=1)
-        return self.fc(z)
+        # The head runs in float32 whatever autocast is active (the convolutions above keep half precision):
+        # autocast would cast bmm's inputs down again, and the sum of products over all locations overflows
+        # float16 (max 65504) once features reach a few tens, as relu5_3 of a trained VGG-16 does.
+        with torch.autocast(f.device.type, enabled=False):
+            z = bilinear_pool(f.float())
+            z = F.normalize(signed_sqrt(z), dim=1)
+            return self.fc(z)
 
 
 class ImageClassifier(nn.Module):

@@ -103,3 +103,28 @@ def test_serving_a_lite0_model_never_imports_torchvision() -> None:
     code = ("import sys, torch; from bcnn import Predictor, get_weights; p = Predictor(get_weights()); "
             "p(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)); print('torchvision' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bilinear_head_runs_in_float32_under_autocast(dtype: torch.dtype) -> None:
+    """relu5_3 activations of a trained VGG-16 reach a few tens: summed over 28x28 locations, their products
+    overflow float16 unless pooling, square root, normalisation and classifier stay in float32."""
+    torch.manual_seed(0)
+    net = BCNN(torch.nn.Identity(), 512, 10).eval()
+    features = torch.rand(4, 512, 28, 28) * 60
+    with torch.inference_mode():
+        expected = net(features)
+        with torch.autocast("cpu", dtype=dtype):
+            logits = net(features.to(dtype))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert torch.allclose(logits, expected, atol=2e-3, rtol=1e-2)
+
+
+def test_bilinear_head_trains_with_finite_gradients_under_autocast() -> None:
+    net = BCNN(torch.nn.Conv2d(3, 64, 3, padding=1), 64, 5)
+    with torch.no_grad():
+        net.features.weight.mul_(200)  # large activations, as a trained backbone's
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(net(torch.rand(2, 3, 28, 28)), torch.tensor([1, 3]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters())
