@@ -50,9 +50,12 @@ config["http_options"]["host"] = "127.0.0.1"
 config["proxy_location"] = "HeadOnly"
 # The GPU nodes advertise no CPUs (they share this machine's cores anyway), so a Preprocessor can never take
 # the CPU a Classifier needs there; the Classifier asks for its GPU only.
+# Two GPU nodes: keep a Classifier on each, so that losing a node never leaves none (the file's min is 1, for
+# machines with one GPU).
 for d in config["applications"][0]["deployments"]:
     if d["name"] == "Classifier":
         d["ray_actor_options"]["num_cpus"] = 0
+        d["autoscaling_config"]["min_replicas"] = 2
 open(sys.argv[1], "w").write(yaml.safe_dump(config, sort_keys=False))
 PY
     $SERVE deploy "$CONFIG"

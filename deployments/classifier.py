@@ -7,9 +7,10 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from deployments.metrics import ClassifierMetrics
 log = logging.getLogger("ray.serve")
 
 _MODEL_FIELDS = ("checkpoint", "classes_file")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -58,28 +60,31 @@ class Classifier:
             log.warning("Classifier: torch sees no GPU (CUDA_VISIBLE_DEVICES=%r); running on the CPU",
                         os.environ.get("CUDA_VISIBLE_DEVICES"))
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply new settings. A new checkpoint is loaded beside the old model and swapped in only once it
-        works, so requests in flight finish on the old one and none fails. A checkpoint that does not load
-        leaves the old model serving and fails the update, which `serve status` reports."""
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply new settings. A new checkpoint is loaded and warmed up beside the old model, on the inference
+        thread, and swapped in only once it works, so requests in flight finish on the old one and none fails.
+        A checkpoint that does not load leaves the old model serving and fails the update, which `serve status`
+        reports."""
         config = ClassifierConfig(**user_config)
         old = self.config
         if self.predictor is None or old is None or any(
                 getattr(old, f) != getattr(config, f) for f in _MODEL_FIELDS):
-            self._load(config)
+            await self._load(config)
         else:
             self.predictor.threshold = config.waterbird_threshold
+            if (config.max_batch_size, config.torch_threads) != (old.max_batch_size, old.torch_threads):
+                await self._on_inference_thread(_warm_up, self.predictor, config)
         self._classify_batch.set_max_batch_size(config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
 
-    def _load(self, config: ClassifierConfig) -> None:
+    async def _load(self, config: ClassifierConfig) -> None:
         start = time.perf_counter()
         try:
             weights = get_weights(config.checkpoint, classes_file=config.classes_file)
-            predictor = Predictor(weights, threshold=config.waterbird_threshold)
-            size = weights.preprocess.crop_size
-            predictor(torch.zeros(1, 3, size, size, dtype=torch.uint8))  # warm up before taking traffic
+            # Built off the inference thread, which keeps answering with the old model meanwhile; warmed up on it.
+            predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold)
+            sizes = await self._on_inference_thread(_warm_up, predictor, config)
         except Exception as e:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
             log.error(self.load_error)
@@ -90,8 +95,11 @@ class Classifier:
         load_seconds = time.perf_counter() - start
         self.metrics.load_seconds.set(load_seconds)
         self._report_model(predictor, 1)
-        log.info("loaded model %s version %s on %s in %.2f s", weights.name, weights.version, predictor.device,
-                 load_seconds)
+        log.info("loaded model %s version %s on %s in %.2f s, warmed up on the inference thread for batch sizes %s",
+                 weights.name, weights.version, predictor.device, load_seconds, list(sizes))
+
+    async def _on_inference_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._inference, fn, *args)
 
     def _report_model(self, predictor: Predictor, value: int) -> None:
         self.metrics.model.set(value, tags={"model": predictor.weights.name, "version": predictor.weights.version,
@@ -128,8 +136,7 @@ class Classifier:
         if config.skip_forward:
             logits = torch.zeros(len(images), len(predictor.weights.categories))
         else:
-            logits = await asyncio.get_running_loop().run_in_executor(
-                self._inference, _forward, predictor, images, config.torch_threads)
+            logits = await self._on_inference_thread(_forward, predictor, images, config.torch_threads)
         inference_ms = (time.perf_counter() - start) * 1000
         self.metrics.latency.observe(inference_ms)
         self.metrics.batch_size.observe(len(images))
@@ -149,9 +156,18 @@ class Classifier:
 
 
 def _forward(predictor: Predictor, images: torch.Tensor, threads: int) -> torch.Tensor:
+    _set_threads(threads)
+    return predictor.logits(images)
+
+
+def _warm_up(predictor: Predictor, config: ClassifierConfig) -> tuple[int, ...]:
+    _set_threads(config.torch_threads)
+    return predictor.warm_up(config.max_batch_size)
+
+
+def _set_threads(threads: int) -> None:
     if torch.get_num_threads() != threads:  # OpenMP's thread count belongs to the calling thread
         torch.set_num_threads(threads)
-    return predictor.logits(images)
 
 
 def _fit(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ class IngressConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256, description="uploads per call to the Preprocessor and Classifier")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="wait for a batch to fill")
     max_pending: int = Field(64, ge=1, description="uploads held at once; beyond it 503 before reading the body")
-    max_body_mb: float = Field(20.0, gt=0, description="request bodies larger than this get 413")
+    max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 when queues are full")

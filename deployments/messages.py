@@ -2,6 +2,12 @@
 
 Uploads travel in batches (the ingress gathers the requests in flight): one call per stage carries many images,
 so Serve's per-call cost is paid once per batch rather than once per image.
+
+With `RAY_SERVE_THROUGHPUT_OPTIMIZED` these calls are gRPC messages, which Ray limits to 4 MiB unless
+`RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` says otherwise: a single phone photo, or a batch of seven 448x448
+images (602 KB each), went over it and failed. Both serve configs set that limit to gRPC's largest,
+`MAX_MESSAGE_BYTES`, in the application's `runtime_env`, so every replica has it wherever it runs, and the
+ingress keeps each call's payload under `MESSAGE_BUDGET_BYTES` (README, "Messages between stages").
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ from torch import Tensor
 
 from bcnn.predict import Answer
 from bcnn.preprocess import ImageError, Preprocess
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""gRPC's largest message; the value of RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH in the serve configs."""
+MESSAGE_BUDGET_BYTES = MAX_MESSAGE_BYTES // 2
+"""Upload bytes plus decoded pixels per call, with room to spare for pickling and the rest of the message."""
 
 
 @dataclass(frozen=True)

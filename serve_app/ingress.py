@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp
 
 from bcnn.preprocess import ImageError
 from deployments.config import IngressConfig
-from deployments.messages import Classified, ModelCard, Outcome
+from deployments.messages import MESSAGE_BUDGET_BYTES, Classified, ModelCard, Outcome
 from deployments.metrics import IngressMetrics
 from serve_app.errors import Overloaded
 from serve_app.http import build_http_app
@@ -95,6 +96,12 @@ class Ingress:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
     async def _pipeline(self, uploads: list[_Upload]) -> list[Outcome]:
         card = await self.model_card()
+        side = card.preprocess.crop_size
+        parts = split_by_bytes(uploads, pixel_bytes=3 * side * side, budget=MESSAGE_BUDGET_BYTES)
+        outcomes = await asyncio.gather(*(self._prepare_and_classify(part, card) for part in parts))
+        return list(itertools.chain.from_iterable(outcomes))
+
+    async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard) -> list[Outcome]:
         prepared = self.preprocessor.remote([u.data for u in uploads], card.preprocess,
                                             tuple(u.request_id for u in uploads))
         return await self.classifier.remote(prepared, [u.top_k for u in uploads])
@@ -134,3 +141,18 @@ class Ingress:
         return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
                        "starting": d.replica_states.get("STARTING", 0)}
                 for name, d in app.deployments.items()}
+
+
+def split_by_bytes(uploads: list[_Upload], *, pixel_bytes: int, budget: int) -> list[list[_Upload]]:
+    """Consecutive parts of a batch whose upload bytes plus decoded pixels stay within `budget` each, so that no
+    call between stages is ever too large, whatever the batch size, upload size or model input size."""
+    parts: list[list[_Upload]] = [[]]
+    size = 0
+    for upload in uploads:
+        cost = len(upload.data) + pixel_bytes
+        if parts[-1] and size + cost > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(upload)
+        size += cost
+    return parts

@@ -30,11 +30,16 @@ LOGS = Path("/tmp/ray/session_latest/logs/serve")
 ENV = {**os.environ, **SERVE_ENV, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
-def load_config(name: str = "serve_config.yaml") -> dict[str, Any]:
-    """A serve config from the repo, with HTTP bound to loopback for tests."""
+def load_config(name: str = "serve_config.yaml", *, min_classifiers: int | None = 2) -> dict[str, Any]:
+    """A serve config from the repo, with HTTP bound to loopback for tests. The test cluster declares two GPUs,
+    and by default the Classifier keeps one on each, as a cluster of GPU nodes would (the file's own minimum is
+    one, for machines with one GPU; `min_classifiers=None` keeps it)."""
     config = yaml.safe_load((ROOT / name).read_text())
     config["http_options"]["host"] = "127.0.0.1"
     config["http_options"]["port"] = SERVE_PORT
+    classifier = deployment(config, "Classifier")
+    if min_classifiers is not None and "autoscaling_config" in classifier:
+        classifier["autoscaling_config"]["min_replicas"] = min_classifiers
     return config
 
 

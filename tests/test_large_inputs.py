@@ -1,0 +1,105 @@
+"""The paper's model size on the running service: a VGG16-BCNN at 448x448 (random weights: sizes and speed do
+not depend on them), the production batching, uploads up to phone-photo size. Every call between stages must
+fit, whatever the batch; the hardening checks hold as they do for the 224 default."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bcnn.predict import Predictor
+from bcnn.preprocess import preprocess_image
+from bcnn.weights import get_weights
+from load.checkpoints import random_bcnn_checkpoint
+from load.loadgen import Upload, run_load
+from tests.conftest import Photo
+from tests.service import Service, deployment, load_config
+from tests.test_hardening import HOSTILE, VALID_ODD
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vgg448(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_bcnn_checkpoint(tmp_path_factory.mktemp("vgg") / "vgg448.pt", num_classes=8)
+
+
+def _config(checkpoint: Path, *, skip_forward: bool) -> dict:
+    config = load_config()  # production batching: the Ingress gathers 16 uploads, the Classifier passes 64
+    deployment(config, "Classifier")["user_config"].update(checkpoint=str(checkpoint), skip_forward=skip_forward)
+    return config
+
+
+@pytest.fixture(scope="module")
+def service448(service: Service, vgg448: Path) -> Iterator[Service]:
+    """The Classifier skips its forward pass (bench-only setting): a GPU's speed on this CPU, so batches fill."""
+    service.deploy(_config(vgg448, skip_forward=True))
+    try:
+        yield service
+    finally:
+        service.deploy(load_config())
+
+
+def _post(service: Service, data: bytes, content_type: str = "image/jpeg") -> httpx.Response:
+    return httpx.post(service.url + "/classify", content=data, headers={"Content-Type": content_type}, timeout=120)
+
+
+def _noise_jpeg(side: int) -> bytes:
+    """Noise compresses badly: a 2000x2000 JPEG of about 6 MB, larger than Ray's default 4 MiB message."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=98)
+    return buffer.getvalue()
+
+
+def test_many_concurrent_uploads_at_448_all_answered(service448: Service, photos: list[Photo]) -> None:
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:64]]
+    result = asyncio.run(run_load(service448.url + "/classify", uploads, users=64, requests_per_user=6))
+    assert result.statuses == {200: 384}, result.summary()
+
+
+def test_phone_sized_uploads_alone_and_together(service448: Service) -> None:
+    big = _noise_jpeg(2000)
+    assert len(big) > 4 * 2**20
+    assert _post(service448, big).status_code == 200
+
+    async def together() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            responses = await asyncio.gather(*(client.post(service448.url + "/classify", content=big,
+                                                           headers={"Content-Type": "image/jpeg"})
+                                               for _ in range(12)))
+            return [r.status_code for r in responses]
+
+    assert asyncio.run(together()) == [200] * 12
+
+
+def test_hostile_and_odd_inputs_at_448(service448: Service) -> None:
+    for name, (data, content_type, status) in HOSTILE.items():
+        response = _post(service448, data, content_type)
+        assert response.status_code == status, (name, response.text)
+        assert response.json()["error"]["code"]
+    for name, (data, content_type) in VALID_ODD.items():
+        assert _post(service448, data, content_type).status_code == 200, name
+
+
+def test_answers_at_448_match_the_model_in_process(service448: Service, vgg448: Path,
+                                                   mapped_photos: list[Photo]) -> None:
+    """The forward pass through the pipeline (uint8 over the wire, batched) gives the in-process answer."""
+    service448.deploy(_config(vgg448, skip_forward=False))
+    weights = get_weights(str(vgg448))
+    predictor = Predictor(weights, device="cpu")
+    for photo in mapped_photos[:3]:
+        data = photo.path.read_bytes()
+        with torch.inference_mode():
+            expected = predictor(preprocess_image(data, weights.preprocess)[None], top_k=3)[0]
+        body = _post(service448, data).json()
+        assert [p["label"] for p in body["predictions"][:3]] == [p.label for p in expected.predictions]
+        assert body["predictions"][0]["score"] == pytest.approx(expected.predictions[0].score, abs=1e-4)
