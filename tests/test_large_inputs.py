@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
 from bcnn.weights import get_weights
 from load.checkpoints import random_bcnn_checkpoint
-from load.loadgen import Upload, run_load
+from load.loadgen import BackgroundLoad, Upload, run_load
 from tests.conftest import Photo
 from tests.service import Service, deployment, load_config
 from tests.test_hardening import HOSTILE, VALID_ODD
@@ -88,6 +89,25 @@ def test_hostile_and_odd_inputs_at_448(service448: Service) -> None:
         assert response.json()["error"]["code"]
     for name, (data, content_type) in VALID_ODD.items():
         assert _post(service448, data, content_type).status_code == 200, name
+
+
+def test_preprocessors_scale_out_under_load_and_back_after_it(service448: Service, photos: list[Photo]) -> None:
+    """The production file's autoscaling, with the classifier at a GPU's speed: more Preprocessor replicas within
+    a minute of load (the test cluster has CPUs for two more), back to the minimum after the load stops."""
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:64]]
+    minimum = deployment(load_config(), "Preprocessor")["autoscaling_config"]["min_replicas"]
+    counts = []
+    with BackgroundLoad(service448.url + "/classify", uploads, users=128) as load:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and max(counts, default=0) <= minimum:
+            counts.append(len(service448.running_replicas("Preprocessor")))
+            time.sleep(3)
+    assert max(counts) > minimum, counts
+    assert load.result is not None and set(load.result.statuses) <= {200, 503}, load.result.summary()
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and len(service448.running_replicas("Preprocessor")) > minimum:
+        time.sleep(5)
+    assert len(service448.running_replicas("Preprocessor")) == minimum
 
 
 def test_answers_at_448_match_the_model_in_process(service448: Service, vgg448: Path,
