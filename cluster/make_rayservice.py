@@ -85,8 +85,10 @@ def rayservice(serve_config: dict[str, Any]) -> dict[str, Any]:
                                        probe=True)]}},
                     },
                     {
+                        # One Classifier per GPU pod, 1-8 as in serve_config.yaml; for a replica on each of two
+                        # pods at all times, raise both minimums to 2.
                         "groupName": "gpu",
-                        "replicas": 2, "minReplicas": 2, "maxReplicas": 8,
+                        "replicas": 1, "minReplicas": 1, "maxReplicas": 8,
                         "rayStartParams": {"metrics-export-port": "8080"},
                         "template": {"spec": {
                             "containers": [_container("ray-worker", {"cpu": "4", "memory": "16Gi",
