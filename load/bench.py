@@ -222,15 +222,24 @@ def plot(report: dict[str, Any], path: Path) -> None:
         right.plot(x, [results[u]["latency_ms_p50"] for u in users], style, label=f"{name} p50")
         right.plot(x, [results[u]["latency_ms_p99"] for u in users], style, alpha=0.5, label=f"{name} p99")
     left.axhline(report["in_process"]["limit_images_per_s"], color="gray", linestyle=":", label="in-process limit")
+    finish_plot(fig, "answers per second", "latency (ms)",
+                f"Waterbird service, {report['machine']['cpus']} CPUs, {report['date'][:10]}", path)
+
+
+def finish_plot(fig: Any, left_label: str, right_label: str, title: str, path: Path) -> None:
+    """Both profiles' plots: throughput (left) and latency (right, log) against concurrent users (log)."""
+    import matplotlib.pyplot as plt
+
+    left, right = fig.axes
     for ax in (left, right):
         ax.set_xscale("log")
         ax.set_xlabel("concurrent users")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    left.set_ylabel("answers per second")
-    right.set_ylabel("latency (ms)")
+    left.set_ylabel(left_label)
+    right.set_ylabel(right_label)
     right.set_yscale("log")
-    fig.suptitle(f"Waterbird service, {report['machine']['cpus']} CPUs, {report['date'][:10]}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

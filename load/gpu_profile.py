@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 import yaml
 
-from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, _wait_http, replace_readme_section
+from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, _wait_http, finish_plot, replace_readme_section
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import Upload, load_uploads, run_load
 from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
@@ -269,19 +269,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             left.plot(x, [results[u]["throughput_rps"] for u in users], style, label=f"{name}, {model}")
             right.plot(x, [results[u]["latency_ms_p99"] for u in users], style, label=f"{name}, {model}")
         left.axhline(report["limits"][model]["lower"], linestyle=":", color="gray")
-    for ax in (left, right):
-        ax.set_xscale("log")
-        ax.set_xlabel("concurrent users")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    left.set_ylabel("answers per second (dotted: the lower limit)")
-    right.set_ylabel("p99 latency (ms)")
-    right.set_yscale("log")
-    fig.suptitle(f"Waterbird service on {report['machine']['gpu']}, {report['machine']['cpus']} CPUs, "
-                 f"{report['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, "answers per second (dotted: the lower limit)", "p99 latency (ms)",
+                f"Waterbird service on {report['machine']['gpu']}, {report['machine']['cpus']} CPUs, "
+                f"{report['date'][:10]}", path)
 
 
 def table(report: dict[str, Any]) -> str:
