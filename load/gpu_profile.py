@@ -35,7 +35,8 @@ from typing import Any
 import httpx
 import yaml
 
-from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, _wait_http, finish_plot, replace_readme_section
+from bcnn.weights import get_weights
+from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, finish_plot, replace_readme_section
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import Upload, load_uploads, run_load
 from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
@@ -174,20 +175,29 @@ def production_config(checkpoint: str, gpus: int) -> dict[str, Any]:
     return config
 
 
-def _deploy(config: dict[str, Any], env: dict[str, str], workdir: Path) -> None:
+def _deploy(config: dict[str, Any], model_name: str, upload: Upload, env: dict[str, str], workdir: Path) -> None:
+    """`serve deploy`, then until the application is RUNNING and answers with `model_name`: right after a
+    deploy that swaps the model, `serve status` can still show the previous one RUNNING."""
     path = workdir / f"deploy-{time.monotonic_ns()}.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
     deadline = time.monotonic() + 600
+    last: object = None
     while time.monotonic() < deadline:
         status = yaml.safe_load(subprocess.run([*cli("serve"), "status"], env=env, capture_output=True,
                                                text=True).stdout or "{}")
-        app = (status.get("applications") or {}).get("waterbirds", {})
+        last = app = (status.get("applications") or {}).get("waterbirds", {})
         if app.get("status") == "RUNNING":
-            _wait_http("http://127.0.0.1:8000/healthz")
-            return
+            try:
+                response = httpx.post("http://127.0.0.1:8000/classify", content=upload.data, timeout=60,
+                                      headers={"Content-Type": "image/jpeg"})
+                last = response.text[:300]
+                if response.status_code == 200 and response.json()["model"]["name"] == model_name:
+                    return
+            except httpx.HTTPError as e:
+                last = e
         time.sleep(2)
-    raise TimeoutError(f"the application did not reach RUNNING: {app}")
+    raise TimeoutError(f"the application did not answer with {model_name} in 600 s; last: {last}")
 
 
 def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int, ...], seconds: float,
@@ -202,7 +212,8 @@ def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int,
         with Sampler() as sampler:
             for name, checkpoint in models.items():
                 sampler.phase = f"{name}:deploy"
-                _deploy(production_config(checkpoint, gpus), env, workdir)
+                model_name = get_weights("default").name if checkpoint == "default" else Path(checkpoint).stem
+                _deploy(production_config(checkpoint, gpus), model_name, uploads[0], env, workdir)
                 print(f"our service, {name} (serve_config.yaml, {gpus} Classifier replicas):", flush=True)
                 sampler.phase = f"{name}:warmup"
                 asyncio.run(run_load(url, uploads, users=64, seconds=warmup_s, timeout_s=120))
