@@ -27,6 +27,12 @@ def jpeg(width: int = 64, height: int = 48) -> bytes:
     return encode(gradient(width, height), "JPEG", quality=90)
 
 
+def noise_jpeg(side: int) -> bytes:
+    """Noise compresses badly: a 2000x2000 JPEG is about 6 MB, larger than Ray's default 4 MiB message."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG", quality=98)
+
+
 def truncated_jpeg() -> bytes:
     data = jpeg(256, 256)
     return data[: len(data) // 2]

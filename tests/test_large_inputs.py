@@ -5,22 +5,20 @@ fit, whatever the batch; the hardening checks hold as they do for the 224 defaul
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
 from bcnn.weights import get_weights
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import BackgroundLoad, Upload, run_load
+from tests import images
 from tests.conftest import Photo
 from tests.service import Service, deployment, load_config
 from tests.test_hardening import HOSTILE, VALID_ODD
@@ -53,14 +51,6 @@ def _post(service: Service, data: bytes, content_type: str = "image/jpeg") -> ht
     return httpx.post(service.url + "/classify", content=data, headers={"Content-Type": content_type}, timeout=120)
 
 
-def _noise_jpeg(side: int) -> bytes:
-    """Noise compresses badly: a 2000x2000 JPEG of about 6 MB, larger than Ray's default 4 MiB message."""
-    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=98)
-    return buffer.getvalue()
-
-
 def test_many_concurrent_uploads_at_448_all_answered(service448: Service, photos: list[Photo]) -> None:
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:64]]
     result = asyncio.run(run_load(service448.url + "/classify", uploads, users=64, requests_per_user=6))
@@ -68,7 +58,7 @@ def test_many_concurrent_uploads_at_448_all_answered(service448: Service, photos
 
 
 def test_phone_sized_uploads_alone_and_together(service448: Service) -> None:
-    big = _noise_jpeg(2000)
+    big = images.noise_jpeg(2000)
     assert len(big) > 4 * 2**20
     assert _post(service448, big).status_code == 200
 
