@@ -20,6 +20,9 @@ from bcnn.weights import get_weights
 torch.set_num_threads(int(os.environ.get("SEED_TORCH_THREADS", "1")))
 weights = get_weights(os.environ.get("SEED_CHECKPOINT", "default"))  # the same model as the service measured
 model = Predictor(weights)
+# Measuring the serving path alone (load/serving_cost.py): answer from zero logits, as the Classifier's
+# `skip_forward` does, so what remains is what a GPU's speed would leave.
+skip_forward = os.environ.get("SEED_SKIP_FORWARD") == "1"
 
 app = Flask(__name__)
 
@@ -33,6 +36,7 @@ def upload():  # noqa: ANN201
         image = preprocess_image(file.read(), weights.preprocess)
     except ImageError as e:
         return jsonify({"error": str(e)}), 400
-    answer = model(image[None])[0]
+    logits = torch.zeros(1, len(weights.categories)) if skip_forward else model.logits(image[None])
+    answer = model.answers(logits)[0]
     return jsonify({"is_waterbird": answer.is_waterbird,
                     "predictions": [{"label": p.label, "score": p.score} for p in answer.predictions]})

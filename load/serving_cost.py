@@ -1,0 +1,278 @@
+"""The serving path's CPU per answered request, per process role, read from /proc, and what it means for a GPU node.
+
+A GPU node is CPU-bound in front of its GPU: how many answers it gives per second is set by how much CPU each
+request costs in each process, and by the processes of which a node has only one. Both are measurable on a CPU
+with the forward pass skipped (the Classifier's `skip_forward`, what remains is a GPU's speed):
+
+1. start Ray with many logical CPUs and one logical GPU, deploy the production `serve_config.yaml` with a
+   VGG16-BCNN 448 checkpoint (random weights) and `skip_forward`;
+2. load it with closed-loop users for a warm-up, then read every process's CPU time for a while with no load (its
+   idle rate) and for a measured load;
+3. per role (Ingress, Preprocessor, Classifier, Serve's proxy, HAProxy, Serve's controller, the rest of Ray),
+   CPU milliseconds per answered request with each process's idle rate subtracted;
+4. the same for the 2019 design (Flask + `gunicorn -w <cores>`, forward skipped the same way);
+
+and projects the figures onto a node of N cores with one GPU of a given rate (`project`).
+
+    python -m load.serving_cost [--proxy haproxy,serve] [--users 64] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from load.checkpoints import random_bcnn_checkpoint
+from load.loadgen import Upload, load_uploads, run_load
+from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
+SEED_PORT = 8001
+
+# The roles of which a node runs one process whatever the load: each caps the node at 1000 / its ms per request.
+# (HAProxy runs a few threads, but its manager is one Python process; both are counted together.)
+PER_NODE_ROLES = ("Classifier", "Serve proxy", "HAProxy")
+SERVING_ROLES = ("Ingress", "Preprocessor", "Classifier", "Serve proxy", "HAProxy")
+"""The processes a request passes through; their sum is the serving path's CPU per request."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the projection is for. Defaults: the H100 machine measured on 2026-11-25 (16 cores; the bare
+    VGG16-BCNN at 448 ran 1,693 images/s at batch 128 there)."""
+
+    cores: int = 16
+    gpu_images_per_s: float = 1693.0
+    classifiers_per_gpu: int = 1
+
+
+def role_of(cmdline: list[str]) -> str | None:
+    """The serving role of a process, from its command line (Ray workers set theirs to `ray::<actor>`)."""
+    if not cmdline:
+        return None
+    first = cmdline[0]
+    if first.startswith("ray::ServeReplica:"):
+        return first.rsplit(":", 1)[1]
+    if first.startswith("ray::ProxyActor"):
+        return "Serve proxy"
+    if first.startswith("ray::HAProxyManager") or first.endswith("/haproxy"):
+        return "HAProxy"
+    if first.startswith("ray::ServeController"):
+        return "Serve controller"
+    line = " ".join(cmdline[:4])
+    if "gunicorn" in line and "load.seed_baseline" in " ".join(cmdline):
+        return "2019 design"
+    if first.startswith(("ray::", "ray-dashboard")) or "/site-packages/ray/" in line or "ray.util.client" in line:
+        return "Ray"
+    return None
+
+
+Snapshot = dict[int, tuple[str, float]]
+"""pid -> (role, CPU seconds so far: user + system)"""
+
+
+def snapshot() -> Snapshot:
+    taken: Snapshot = {}
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        role = role_of(process.info["cmdline"] or [])
+        times = process.info["cpu_times"]
+        if role is not None and times is not None:
+            taken[process.pid] = (role, times.user + times.system)
+    return taken
+
+
+def busy_ms_by_role(idle: tuple[Snapshot, Snapshot, float], load: tuple[Snapshot, Snapshot, float]
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU ms each role spent during the load beyond its idle rate, and each role's idle rate in cores. A process
+    that started during the load (a replica scaled out) counts from zero, with no idle rate to subtract."""
+    idle_start, idle_end, idle_s = idle
+    load_start, load_end, load_s = load
+    idle_cores: dict[str, float] = defaultdict(float)
+    busy: dict[str, float] = defaultdict(float)
+    for pid, (role, cpu) in load_end.items():
+        rate = 0.0
+        if pid in idle_start and pid in idle_end:
+            rate = max(0.0, idle_end[pid][1] - idle_start[pid][1]) / idle_s
+            idle_cores[role] += rate
+        spent = cpu - load_start.get(pid, (role, 0.0))[1]
+        busy[role] += max(0.0, spent - rate * load_s) * 1000
+    return dict(busy), dict(idle_cores)
+
+
+def measure(url: str, uploads: list[Upload], *, users: int, seconds: float, warmup_s: float, idle_s: float,
+            roles: Callable[[str], bool] = lambda _role: True) -> dict[str, Any]:
+    """Warm-up load, an idle window, then the measured load; CPU ms per answered request by role."""
+    asyncio.run(run_load(url, uploads, users=users, seconds=warmup_s, timeout_s=120))
+    idle_start, t0 = snapshot(), time.monotonic()
+    time.sleep(idle_s)
+    idle_end, t1 = snapshot(), time.monotonic()
+    load_start, t2 = snapshot(), time.monotonic()
+    result = asyncio.run(run_load(url, uploads, users=users, seconds=seconds, timeout_s=120))
+    load_end, t3 = snapshot(), time.monotonic()
+    busy, idle_cores = busy_ms_by_role((idle_start, idle_end, t1 - t0), (load_start, load_end, t3 - t2))
+    answered = len(result.ok)
+    processes: dict[str, int] = defaultdict(int)
+    for role, _cpu in load_end.values():
+        processes[role] += 1
+    return {
+        "users": users, "seconds": round(result.seconds, 1), "answered": answered,
+        "throughput_rps": round(result.throughput(), 1), "statuses": {str(k): v for k, v in result.statuses.items()},
+        "ms_per_request": {r: round(ms / max(answered, 1), 2) for r, ms in sorted(busy.items()) if roles(r)},
+        "idle_cores": {r: round(c, 3) for r, c in sorted(idle_cores.items()) if roles(r)},
+        "processes": {r: n for r, n in sorted(processes.items()) if roles(r)},
+    }
+
+
+def project(cost: dict[str, Any], node: Node) -> dict[str, Any]:
+    """Answers per second a node of `node.cores` cores and one GPU could give: the least of the GPU's rate, the
+    per-node processes' caps (1000 / their ms per request, times the Classifier replicas per GPU), and the cores
+    left after Ray's idle load shared by every process's CPU per request."""
+    ms = cost["ms_per_request"]
+    total = sum(ms.get(r, 0.0) for r in SERVING_ROLES)
+    everything = sum(ms.values())
+    spare_cores = node.cores - sum(cost["idle_cores"].values())
+    caps = {"GPU": node.gpu_images_per_s, "cores": spare_cores * 1000 / max(everything, 1e-9)}
+    for role in PER_NODE_ROLES:
+        if ms.get(role):
+            replicas = node.classifiers_per_gpu if role == "Classifier" else 1
+            caps[role] = replicas * 1000 / ms[role]
+    limit = min(caps, key=lambda k: caps[k])
+    return {"node": {"cores": node.cores, "gpu_images_per_s": node.gpu_images_per_s,
+                     "classifiers_per_gpu": node.classifiers_per_gpu},
+            "serving_ms_per_request": round(total, 2), "all_ms_per_request": round(everything, 2),
+            "caps_rps": {k: round(v) for k, v in caps.items()}, "limited_by": limit,
+            "rps": round(caps[limit])}
+
+
+def production_config(checkpoint: str, *, skip_forward: bool) -> dict[str, Any]:
+    """serve_config.yaml on loopback with `checkpoint`, one Classifier replica (one GPU), the forward pass
+    skipped or not."""
+    from load.gpu_profile import production_config as gpu_production_config
+
+    config = gpu_production_config(checkpoint, gpus=1)
+    for d in config["applications"][0]["deployments"]:
+        if d["name"] == "Classifier":
+            d["user_config"]["skip_forward"] = skip_forward
+    return config
+
+
+def our_service(proxy: str, checkpoint: str, uploads: list[Upload], *, users: int, seconds: float,
+                warmup_s: float, idle_s: float, workdir: Path, logical_cpus: int = 16) -> dict[str, Any]:
+    from load.gpu_profile import _deploy
+
+    env = {**os.environ, **SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1" if proxy == "haproxy" else "0"}
+    stop_ray(env, force=True)
+    ensure_auth_token(env)
+    subprocess.run(ray_start_command(num_cpus=logical_cpus, num_gpus=1), env=env, check=True, capture_output=True)
+    try:
+        _deploy(production_config(checkpoint, skip_forward=True), Path(checkpoint).stem, uploads[0], env, workdir)
+        cost = measure("http://127.0.0.1:8000/classify", uploads, users=users, seconds=seconds,
+                       warmup_s=warmup_s, idle_s=idle_s, roles=lambda r: r != "2019 design")
+    finally:
+        stop_ray(env, force=True)
+    return {"proxy": proxy, **cost}
+
+
+def seed_design(checkpoint: str, uploads: list[Upload], *, users: int, seconds: float, warmup_s: float,
+                idle_s: float, workers: int) -> dict[str, Any]:
+    """The 2019 design with the same model and the forward pass skipped the same way."""
+    command = [*cli("gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
+               "--timeout", "120", "load.seed_baseline.service:app"]
+    env = {**os.environ, "SEED_CHECKPOINT": checkpoint, "SEED_SKIP_FORWARD": "1"}
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{SEED_PORT}/upload/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.post(url, files={"file": ("a.jpg", uploads[0].data)}, timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        cost = measure(url, uploads, users=users, seconds=seconds, warmup_s=warmup_s, idle_s=idle_s,
+                       roles=lambda r: r == "2019 design")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    return {"workers": workers, **cost}
+
+
+def run(uploads: list[Upload], *, proxies: Iterable[str] = ("haproxy", "serve"), users: int = 64,
+        seconds: float = 30.0, warmup_s: float = 30.0, idle_s: float = 10.0, node: Node = Node(),
+        seed_workers: int | None = None, input_size: int = 448, seed: bool = True) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="serving-cost-"))
+    checkpoint = str(random_bcnn_checkpoint(workdir / "vgg16-bcnn.pt", num_classes=200, input_size=input_size))
+    report: dict[str, Any] = {"model": f"VGG16-BCNN {input_size}, 200 classes, random weights, forward skipped",
+                              "users": users, "seconds": seconds, "ours": {}}
+    for proxy in proxies:
+        print(f"serving cost, ours with {proxy}:", flush=True)
+        cost = our_service(proxy, checkpoint, uploads, users=users, seconds=seconds, warmup_s=warmup_s,
+                           idle_s=idle_s, workdir=workdir)
+        cost["projection"] = project(cost, node)
+        report["ours"][proxy] = cost
+        print(format_cost(cost), flush=True)
+    if seed:
+        print("serving cost, the 2019 design:", flush=True)
+        workers = seed_workers or len(os.sched_getaffinity(0))
+        report["seed_baseline"] = seed_design(checkpoint, uploads, users=users, seconds=seconds,
+                                              warmup_s=warmup_s, idle_s=idle_s, workers=workers)
+        print(format_cost(report["seed_baseline"]), flush=True)
+    return report
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    lines = [f"  {cost['throughput_rps']} req/s at {cost['users']} users, statuses {cost['statuses']}"]
+    for role, ms in cost["ms_per_request"].items():
+        lines.append(f"    {role:<17} {ms:6.2f} ms/request  (idle {cost['idle_cores'].get(role, 0):.3f} cores, "
+                     f"{cost['processes'].get(role, 0)} processes)")
+    if "projection" in cost:
+        p = cost["projection"]
+        lines.append(f"    serving path {p['serving_ms_per_request']} ms/request; projected onto "
+                     f"{p['node']['cores']} cores + a GPU of {p['node']['gpu_images_per_s']:g} img/s: {p['rps']} req/s "
+                     f"(limited by {p['limited_by']}; caps {p['caps_rps']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--proxy", default="haproxy,serve", help="haproxy and/or serve")
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=30.0)
+    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--input-size", type=int, default=448)
+    parser.add_argument("--cores", type=int, default=Node.cores, help="cores of the node projected onto")
+    parser.add_argument("--gpu-rate", type=float, default=Node.gpu_images_per_s, help="the GPU's images/s")
+    parser.add_argument("--no-seed", action="store_true", help="leave out the 2019 design")
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+    args = parser.parse_args(argv)
+    uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
+    report = run(uploads, proxies=[p for p in args.proxy.split(",") if p], users=args.users, seconds=args.seconds,
+                 warmup_s=args.warmup, idle_s=args.idle, node=Node(args.cores, args.gpu_rate),
+                 input_size=args.input_size, seed=not args.no_seed)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
