@@ -24,9 +24,11 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -83,35 +85,75 @@ def role_of(cmdline: list[str]) -> str | None:
     return None
 
 
-Snapshot = dict[int, tuple[str, float]]
-"""pid -> (role, CPU seconds so far: user + system)"""
+@dataclass
+class _Seen:
+    role: str
+    first_cpu: float
+    last_cpu: float
+    first_at: float
+    last_at: float
 
 
-def snapshot() -> Snapshot:
-    taken: Snapshot = {}
-    for process in psutil.process_iter(["cmdline", "cpu_times"]):
-        role = role_of(process.info["cmdline"] or [])
-        times = process.info["cpu_times"]
-        if role is not None and times is not None:
-            taken[process.pid] = (role, times.user + times.system)
-    return taken
+class CpuWatch:
+    """Every `interval_s` on a thread of its own, the CPU time (user + system, all threads) of every process with a
+    role. Replicas come and go under autoscaling: a process that exits keeps what it had spent at its last reading,
+    so at most one interval of its CPU is lost, and one that starts counts from its first reading."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.seen: dict[int, _Seen] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuWatch:
+        self._read()
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._read()
+        self.seconds = time.monotonic() - self.started
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._read()
+
+    def _read(self) -> None:
+        now = time.monotonic()
+        for process in psutil.process_iter(["cmdline", "cpu_times"]):
+            role = role_of(process.info["cmdline"] or [])
+            times = process.info["cpu_times"]
+            if role is None or times is None:
+                continue
+            cpu = times.user + times.system
+            seen = self.seen.get(process.pid)
+            if seen is None:
+                self.seen[process.pid] = _Seen(role, cpu, cpu, now, now)
+            else:
+                seen.last_cpu, seen.last_at = cpu, now
+
+    def idle_rates(self) -> dict[int, float]:
+        """Cores each process used (pid -> CPU seconds per second)."""
+        return {pid: (s.last_cpu - s.first_cpu) / max(s.last_at - s.first_at, 1e-9)
+                for pid, s in self.seen.items() if s.last_at > s.first_at}
 
 
-def busy_ms_by_role(idle: tuple[Snapshot, Snapshot, float], load: tuple[Snapshot, Snapshot, float]
-                    ) -> tuple[dict[str, float], dict[str, float]]:
+def busy_ms_by_role(idle: CpuWatch, load: CpuWatch) -> tuple[dict[str, float], dict[str, float]]:
     """CPU ms each role spent during the load beyond its idle rate, and each role's idle rate in cores. A process
-    that started during the load (a replica scaled out) counts from zero, with no idle rate to subtract."""
-    idle_start, idle_end, idle_s = idle
-    load_start, load_end, load_s = load
+    with no idle reading (a replica scaled out during the load) is given its role's mean idle rate."""
+    rates = idle.idle_rates()
     idle_cores: dict[str, float] = defaultdict(float)
+    per_role: dict[str, list[float]] = defaultdict(list)
+    for pid, rate in rates.items():
+        idle_cores[idle.seen[pid].role] += rate
+        per_role[idle.seen[pid].role].append(rate)
     busy: dict[str, float] = defaultdict(float)
-    for pid, (role, cpu) in load_end.items():
-        rate = 0.0
-        if pid in idle_start and pid in idle_end:
-            rate = max(0.0, idle_end[pid][1] - idle_start[pid][1]) / idle_s
-            idle_cores[role] += rate
-        spent = cpu - load_start.get(pid, (role, 0.0))[1]
-        busy[role] += max(0.0, spent - rate * load_s) * 1000
+    for pid, s in load.seen.items():
+        rate = rates.get(pid, statistics.fmean(per_role[s.role]) if per_role[s.role] else 0.0)
+        busy[s.role] += max(0.0, (s.last_cpu - s.first_cpu) - rate * (s.last_at - s.first_at)) * 1000
     return dict(busy), dict(idle_cores)
 
 
@@ -119,17 +161,15 @@ def measure(url: str, uploads: list[Upload], *, users: int, seconds: float, warm
             roles: Callable[[str], bool] = lambda _role: True) -> dict[str, Any]:
     """Warm-up load, an idle window, then the measured load; CPU ms per answered request by role."""
     asyncio.run(run_load(url, uploads, users=users, seconds=warmup_s, timeout_s=120))
-    idle_start, t0 = snapshot(), time.monotonic()
-    time.sleep(idle_s)
-    idle_end, t1 = snapshot(), time.monotonic()
-    load_start, t2 = snapshot(), time.monotonic()
-    result = asyncio.run(run_load(url, uploads, users=users, seconds=seconds, timeout_s=120))
-    load_end, t3 = snapshot(), time.monotonic()
-    busy, idle_cores = busy_ms_by_role((idle_start, idle_end, t1 - t0), (load_start, load_end, t3 - t2))
+    with CpuWatch() as idle:
+        time.sleep(idle_s)
+    with CpuWatch() as load:
+        result = asyncio.run(run_load(url, uploads, users=users, seconds=seconds, timeout_s=120))
+    busy, idle_cores = busy_ms_by_role(idle, load)
     answered = len(result.ok)
     processes: dict[str, int] = defaultdict(int)
-    for role, _cpu in load_end.values():
-        processes[role] += 1
+    for s in load.seen.values():
+        processes[s.role] += 1
     return {
         "users": users, "seconds": round(result.seconds, 1), "answered": answered,
         "throughput_rps": round(result.throughput(), 1), "statuses": {str(k): v for k, v in result.statuses.items()},
@@ -144,12 +184,12 @@ def project(cost: dict[str, Any], node: Node) -> dict[str, Any]:
     per-node processes' caps (1000 / their ms per request, times the Classifier replicas per GPU), and the cores
     left after Ray's idle load shared by every process's CPU per request."""
     ms = cost["ms_per_request"]
-    total = sum(ms.get(r, 0.0) for r in SERVING_ROLES)
+    total = sum(ms.get(r, 0.0) for r in cost.get("request_path", SERVING_ROLES))
     everything = sum(ms.values())
     spare_cores = node.cores - sum(cost["idle_cores"].values())
     caps = {"GPU": node.gpu_images_per_s, "cores": spare_cores * 1000 / max(everything, 1e-9)}
     for role in PER_NODE_ROLES:
-        if ms.get(role):
+        if role in cost.get("request_path", PER_NODE_ROLES) and ms.get(role):
             replicas = node.classifiers_per_gpu if role == "Classifier" else 1
             caps[role] = replicas * 1000 / ms[role]
     limit = min(caps, key=lambda k: caps[k])
@@ -186,6 +226,8 @@ def our_service(proxy: str, checkpoint: str, uploads: list[Upload], *, users: in
                        warmup_s=warmup_s, idle_s=idle_s, roles=lambda r: r != "2019 design")
     finally:
         stop_ray(env, force=True)
+    # Serve's proxy idles beside HAProxy (its fallback), and HAProxy is absent without it.
+    cost["request_path"] = [r for r in SERVING_ROLES if r != ("Serve proxy" if proxy == "haproxy" else "HAProxy")]
     return {"proxy": proxy, **cost}
 
 
