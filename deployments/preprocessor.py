@@ -43,7 +43,7 @@ class Preprocessor:
                 rejected[position] = e
                 continue
             elapsed = (time.perf_counter() - start) * 1000
-            images.append(loaded.tensor)
+            images.append(loaded.chw)
             timings.append(elapsed)
             self.metrics.latency.observe(elapsed)
             self.metrics.pixels.observe(loaded.width * loaded.height)

@@ -16,7 +16,9 @@ from bcnn.preprocess import (
     Preprocess,
     UnsupportedFormat,
     decode_image,
+    load_image,
     preprocess_image,
+    resize_and_crop,
 )
 from tests import images
 
@@ -27,7 +29,9 @@ def test_valid_jpeg_becomes_uint8_chw_at_the_model_size() -> None:
     tensor = preprocess_image(images.jpeg(640, 480), PRE)
     assert tensor.dtype == torch.uint8
     assert tensor.shape == (3, 224, 224)
-    assert tensor.is_contiguous()
+    loaded = load_image(images.jpeg(640, 480), PRE)  # the same pixels, channels last in one contiguous block
+    assert loaded.pixels.shape == (224, 224, 3) and loaded.pixels.flags["C_CONTIGUOUS"]
+    assert torch.equal(loaded.chw, tensor) and torch.stack([tensor, tensor]).is_contiguous()
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "GIF", "BMP", "TIFF"])
@@ -94,11 +98,26 @@ def test_grayscale_and_la_become_rgb() -> None:
 
 def test_draft_decoding_keeps_the_crop_within_a_few_levels_of_full_decoding() -> None:
     data = images.jpeg(2048, 1536)
-    fast = preprocess_image(data, PRE).float()
-    from bcnn.preprocess import resize_and_crop, to_uint8_tensor
+    fast = load_image(data, PRE).pixels.astype(np.float32)
+    full = resize_and_crop(np.asarray(decode_image(data)), PRE).astype(np.float32)
+    assert np.abs(fast - full).mean() < 3.0
 
-    full = to_uint8_tensor(resize_and_crop(decode_image(data), PRE)).float()
-    assert (fast - full).abs().mean() < 3.0
+
+@pytest.mark.parametrize(("size", "pre"), [((640, 480), PRE), ((300, 200), Preprocess(448, 448)),
+                                         ((1269, 1154), Preprocess(448, 448))], ids=["down", "up", "down-448"])
+def test_resize_is_pillows_bilinear_filter_on_the_centre_crop(size: tuple[int, int], pre: Preprocess) -> None:
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(noise)  # noise: any difference of filter or geometry shows
+    ours = resize_and_crop(np.asarray(image), pre).astype(np.int16)
+    width, height = image.size
+    box = round(pre.crop_size * min(width, height) / pre.resize_size)
+    left, top = (width - min(width, box)) // 2, (height - min(height, box)) // 2
+    crop = image.crop((left, top, left + min(width, box), top + min(height, box)))
+    pillow = crop.resize((pre.crop_size, pre.crop_size), Image.Resampling.BILINEAR)
+    assert ours.shape == (pre.crop_size, pre.crop_size, 3)
+    assert np.abs(ours - np.asarray(pillow, dtype=np.int16)).max() <= 1
 
 
 @settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
