@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from bcnn.allocator import keep_freed_memory
 from bcnn.preprocess import ImageError, Preprocess, load_image
 from deployments.config import PreprocessorConfig
 from deployments.messages import PreparedBatch
@@ -23,7 +24,8 @@ class Preprocessor:
     on the classifiers never leaves the preprocessors behind."""
 
     def __init__(self) -> None:
-        torch.set_num_threads(1)  # decoding is Pillow's; torch only wraps the array
+        torch.set_num_threads(1)  # decoding is Pillow's, resizing one image is torch's on one core
+        keep_freed_memory()  # messages of a few MB each: reuse their buffers instead of page-faulting new ones
         self.config = PreprocessorConfig()
         self.metrics = PreprocessorMetrics()
 

@@ -17,6 +17,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
+from bcnn.allocator import keep_freed_memory
 from bcnn.preprocess import ImageError
 from deployments.config import IngressConfig
 from deployments.messages import MESSAGE_BUDGET_BYTES, Classified, ModelCard, Outcome
@@ -44,6 +45,7 @@ class _Upload:
 @serve.ingress()
 class Ingress:
     def __init__(self, preprocessor: DeploymentHandle, classifier: DeploymentHandle) -> None:
+        keep_freed_memory()  # messages of a few MB each: reuse their buffers instead of page-faulting new ones
         self.preprocessor = preprocessor
         self.classifier = classifier
         self.config = IngressConfig()
