@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from ray import serve
@@ -32,7 +33,8 @@ _T = TypeVar("_T")
 class _Images:
     """Part of one caller's batch, at most one forward pass in size."""
 
-    images: torch.Tensor
+    pixels: np.ndarray
+    """uint8 [n, H, W, 3]"""
     top_ks: list[int]
     preprocess_ms: tuple[float, ...]
 
@@ -118,7 +120,7 @@ class Classifier:
         assert self.config is not None
         usable = [p for p in range(batch.size) if p not in batch.rejected]
         step = self.config.max_batch_size
-        parts = [_Images(batch.images[i:i + step], [top_ks[p] for p in usable[i:i + step]],
+        parts = [_Images(batch.pixels[i:i + step], [top_ks[p] for p in usable[i:i + step]],
                          batch.preprocess_ms[i:i + step]) for i in range(0, len(usable), step)]
         answers = itertools.chain.from_iterable(await asyncio.gather(*map(self._classify_batch, parts)))
         log.info("classified %d of %d uploads", len(usable), batch.size, extra={"request_ids": batch.request_ids})
@@ -130,7 +132,8 @@ class Classifier:
         config = self.config
         assert config is not None
         size = predictor.weights.preprocess.crop_size
-        images = torch.cat([_fit(p.images, size) for p in parts])
+        pixels = np.concatenate([p.pixels for p in parts]) if len(parts) > 1 else parts[0].pixels
+        images = _fit(torch.from_numpy(pixels).permute(0, 3, 1, 2), size)  # [N, 3, H, W], channels last
         top_ks = [k for p in parts for k in p.top_ks]
         start = time.perf_counter()
         if config.skip_forward:

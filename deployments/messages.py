@@ -1,4 +1,7 @@
-"""What crosses the hops between stages: uint8 tensors and small results, never floats or PIL images.
+"""What crosses the hops between stages: uint8 pixels and small results, never floats or PIL images.
+
+Pixels travel as numpy arrays, channels last, as decoders and resizers write them and as a GPU model reads them
+(channels_last): Ray pickles a torch tensor through torch's own serializer, several times slower than an array.
 
 Uploads travel in batches (the ingress gathers the requests in flight): one call per stage carries many images,
 so Serve's per-call cost is paid once per batch rather than once per image.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import numpy as np
 
 from bcnn.predict import Answer
 from bcnn.preprocess import ImageError, Preprocess
@@ -27,10 +30,10 @@ MESSAGE_BUDGET_BYTES = MAX_MESSAGE_BYTES // 2
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """Preprocessor -> Classifier: a batch of uploads, the usable ones as one uint8 [N, 3, H, W] tensor in upload
+    """Preprocessor -> Classifier: a batch of uploads, the usable ones as one uint8 [N, H, W, 3] array in upload
     order, each refused one as its error (kept by position, answered by the ingress as that request's error)."""
 
-    images: Tensor
+    pixels: np.ndarray
     preprocess_ms: tuple[float, ...]
     """one per image"""
     rejected: dict[int, ImageError]

@@ -1,4 +1,4 @@
-"""CPU replicas that turn batches of upload bytes into uint8 tensors with `bcnn.load_image`."""
+"""CPU replicas that turn batches of upload bytes into uint8 pixels with `bcnn.load_image`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from ray import serve
 
@@ -34,7 +35,7 @@ class Preprocessor:
 
     def __call__(self, uploads: list[bytes], preprocess: Preprocess, request_ids: tuple[str, ...]) -> PreparedBatch:
         """A bad upload is refused on its own; the others of its batch go on."""
-        images: list[torch.Tensor] = []
+        images: list[np.ndarray] = []
         timings: list[float] = []
         rejected: dict[int, ImageError] = {}
         for position, data in enumerate(uploads):
@@ -45,14 +46,14 @@ class Preprocessor:
                 rejected[position] = e
                 continue
             elapsed = (time.perf_counter() - start) * 1000
-            images.append(loaded.chw)
+            images.append(loaded.pixels)
             timings.append(elapsed)
             self.metrics.latency.observe(elapsed)
             self.metrics.pixels.observe(loaded.width * loaded.height)
         log.info("prepared %d of %d uploads", len(images), len(uploads), extra={"request_ids": request_ids})
         size = preprocess.crop_size
-        batch = torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
-        return PreparedBatch(batch, tuple(timings), rejected, request_ids)
+        pixels = np.stack(images) if images else np.empty((0, size, size, 3), dtype=np.uint8)
+        return PreparedBatch(pixels, tuple(timings), rejected, request_ids)
 
     def check_health(self) -> None:
         """Nothing to load: a replica that answers is healthy."""
