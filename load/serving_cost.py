@@ -48,8 +48,9 @@ PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "water
 SEED_PORT = 8001
 
 # The roles of which a node runs one process whatever the load: each caps the node at 1000 / its ms per request.
-# (HAProxy runs a few threads, but its manager is one Python process; both are counted together.)
-PER_NODE_ROLES = ("Classifier", "Serve proxy", "HAProxy")
+# (HAProxy and the raylet run a few threads each, but HAProxy's manager is one Python process and the raylet's
+# node manager one event loop: counted as one process, a cap on the safe side.)
+PER_NODE_ROLES = ("Classifier", "Serve proxy", "HAProxy", "Ray raylet")
 SERVING_ROLES = ("Ingress", "Preprocessor", "Classifier", "Serve proxy", "HAProxy")
 """The processes a request passes through; their sum is the serving path's CPU per request."""
 
@@ -80,8 +81,12 @@ def role_of(cmdline: list[str]) -> str | None:
     line = " ".join(cmdline[:4])
     if "gunicorn" in line and "load.seed_baseline" in " ".join(cmdline):
         return "2019 design"
+    if first.endswith("/raylet"):
+        return "Ray raylet"
+    if first.endswith("/gcs_server"):
+        return "Ray GCS"
     if first.startswith(("ray::", "ray-dashboard")) or "/site-packages/ray/" in line or "ray.util.client" in line:
-        return "Ray"
+        return "Ray (other)"
     return None
 
 
