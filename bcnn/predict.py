@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +39,32 @@ class Answer:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A batch's answers as arrays, best first: cheap to send between processes whatever the batch size. The
+    answers themselves (`answer`) are made where they are used, with the model's labels."""
+
+    indices: np.ndarray
+    """int64 [N, k]: positions in the model's labels"""
+    scores: np.ndarray
+    """float32 [N, k]: renormalised over the answer classes"""
+    waterbird_scores: np.ndarray
+    """float32 [N]: mass of the full softmax on the answer classes"""
+    is_waterbird: np.ndarray
+    """bool [N]: `waterbird_scores` at least the threshold"""
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, rows: slice) -> Ranked:
+        return Ranked(self.indices[rows], self.scores[rows], self.waterbird_scores[rows], self.is_waterbird[rows])
+
+    def answer(self, row: int, labels: Sequence[str], top_k: int | None = None) -> Answer:
+        predictions = tuple(Prediction(labels[i], round(s, 6), i) for s, i in
+                            zip(self.scores[row, :top_k].tolist(), self.indices[row, :top_k].tolist(), strict=True))
+        return Answer(bool(self.is_waterbird[row]), round(float(self.waterbird_scores[row]), 6), predictions)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -88,18 +116,19 @@ class Predictor:
             self.logits(torch.zeros(n, 3, side, side, dtype=torch.uint8))  # .cpu() waits for the GPU
         return sizes
 
-    def answers(self, logits: Tensor, top_k: int = 5) -> list[Answer]:
+    def rank(self, logits: Tensor, top_k: int = 5) -> Ranked:
+        """The `top_k` answer classes of each image, renormalised over the answer classes, and whether the full
+        softmax puts at least `threshold` of its mass on them."""
         probs = logits.softmax(dim=1)[:, self._answer_index]
         mass = probs.sum(dim=1)
         scores = probs / mass.clamp_min(1e-12).unsqueeze(1)
         k = max(1, min(top_k, scores.shape[1]))
         top_scores, top_idx = scores.topk(k, dim=1)
-        results = []
-        for row_mass, row_scores, row_idx in zip(mass.tolist(), top_scores.tolist(), top_idx.tolist(), strict=True):
-            predictions = tuple(Prediction(self.labels[i], round(s, 6), i)
-                                for s, i in zip(row_scores, row_idx, strict=True))
-            results.append(Answer(row_mass >= self.threshold, round(row_mass, 6), predictions))
-        return results
+        return Ranked(top_idx.numpy(), top_scores.numpy(), mass.numpy(), (mass >= self.threshold).numpy())
+
+    def answers(self, logits: Tensor, top_k: int = 5) -> list[Answer]:
+        ranked = self.rank(logits, top_k)
+        return [ranked.answer(row, self.labels) for row in range(len(ranked))]
 
     def __call__(self, images: Tensor, top_k: int = 5) -> list[Answer]:
         return self.answers(self.logits(images), top_k)

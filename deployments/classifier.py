@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
-from bcnn.predict import Answer, Predictor
+from bcnn.predict import Predictor
 from bcnn.weights import get_weights
 from deployments.config import ClassifierConfig
-from deployments.messages import Classified, ModelCard, Outcome, PreparedBatch
+from deployments.messages import ModelCard, PreparedBatch, ScoredBatch, Scores
 from deployments.metrics import ClassifierMetrics
 
 log = logging.getLogger("ray.serve")
@@ -35,12 +35,11 @@ class _Images:
 
     pixels: np.ndarray
     """uint8 [n, H, W, 3]"""
-    top_ks: list[int]
-    preprocess_ms: tuple[float, ...]
+    top_k: int
 
 
 def _count_images(parts: list[_Images]) -> int:
-    return sum(len(p.top_ks) for p in parts)
+    return sum(len(p.pixels) for p in parts)
 
 
 @serve.deployment(name="Classifier", user_config={}, ray_actor_options={"num_cpus": 1})
@@ -113,28 +112,26 @@ class Classifier:
         return ModelCard(weights.name, weights.version, predictor.labels, weights.preprocess,
                          str(predictor.device))
 
-    async def __call__(self, batch: PreparedBatch, top_ks: list[int]) -> list[Outcome]:
-        """Answers a batch of uploads in upload order; refused ones keep their error. A batch larger than one
-        forward pass is split; `@serve.batch` merges small ones from concurrent callers into one pass."""
+    async def __call__(self, batch: PreparedBatch, top_k: int) -> ScoredBatch:
+        """The `top_k` best classes of each usable image of a batch, in order, one `Scores` per forward pass they
+        went through. A batch larger than one forward pass is split; `@serve.batch` merges small ones from
+        concurrent callers into one pass."""
         self._require_model()
         assert self.config is not None
-        usable = [p for p in range(batch.size) if p not in batch.rejected]
         step = self.config.max_batch_size
-        parts = [_Images(batch.pixels[i:i + step], [top_ks[p] for p in usable[i:i + step]],
-                         batch.preprocess_ms[i:i + step]) for i in range(0, len(usable), step)]
-        answers = itertools.chain.from_iterable(await asyncio.gather(*map(self._classify_batch, parts)))
-        log.info("classified %d of %d uploads", len(usable), batch.size, extra={"request_ids": batch.request_ids})
-        return [batch.rejected[p] if p in batch.rejected else next(answers) for p in range(batch.size)]
+        parts = [_Images(batch.pixels[i:i + step], top_k) for i in range(0, len(batch.pixels), step)]
+        scores = await asyncio.gather(*map(self._classify_batch, parts))
+        log.info("classified %d of %d uploads", len(batch.pixels), batch.size, extra={"request_ids": batch.request_ids})
+        return ScoredBatch(list(scores), batch.preprocess_ms, batch.rejected)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_count_images)
-    async def _classify_batch(self, parts: list[_Images]) -> list[list[Classified]]:
+    async def _classify_batch(self, parts: list[_Images]) -> list[Scores]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
         config = self.config
         assert config is not None
         size = predictor.weights.preprocess.crop_size
-        pixels = np.concatenate([p.pixels for p in parts]) if len(parts) > 1 else parts[0].pixels
-        images = _fit(torch.from_numpy(pixels).permute(0, 3, 1, 2), size)  # [N, 3, H, W], channels last
-        top_ks = [k for p in parts for k in p.top_ks]
+        fitted = [_fit(torch.from_numpy(p.pixels).permute(0, 3, 1, 2), size) for p in parts]  # channels last
+        images = torch.cat(fitted) if len(fitted) > 1 else fitted[0]
         start = time.perf_counter()
         if config.skip_forward:
             logits = torch.zeros(len(images), len(predictor.weights.categories))
@@ -144,9 +141,10 @@ class Classifier:
         self.metrics.latency.observe(inference_ms)
         self.metrics.batch_size.observe(len(images))
         weights = predictor.weights
-        answers = iter(predictor.answers(logits, top_k=max(top_ks)))
-        return [[Classified(_truncate(next(answers), k), weights.name, weights.version, ms, inference_ms, len(images))
-                 for k, ms in zip(p.top_ks, p.preprocess_ms, strict=True)] for p in parts]
+        ranked = predictor.rank(logits, top_k=max(p.top_k for p in parts))
+        ends = list(itertools.accumulate(len(p.pixels) for p in parts))
+        return [Scores(ranked[end - len(p.pixels):end], predictor.labels, weights.name, weights.version,
+                       inference_ms, len(images)) for p, end in zip(parts, ends, strict=True)]
 
     def _require_model(self) -> Predictor:
         if self.predictor is None:
@@ -179,7 +177,3 @@ def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
     return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-def _truncate(answer: Answer, top_k: int) -> Answer:
-    return Answer(answer.is_waterbird, answer.waterbird_score, answer.predictions[:top_k])

@@ -1,16 +1,17 @@
 """What crosses the hops between stages: uint8 pixels and small results, never floats or PIL images.
 
+The data path goes through Ray's object store, not Serve's gRPC messages: the ingress calls the Preprocessor and
+the Classifier by reference, so the upload bytes and the decoded pixels of a batch are written once into shared
+memory by the process that has them, the ingress hands only a reference from one stage to the next, and the
+Classifier maps the pixels instead of receiving them (a third less CPU per request in the one Classifier a GPU
+has; README, "Serving cost per request"). Nothing limits an object's size as gRPC limits a message's (4 MiB
+unless raised); the ingress still keeps each call under `CALL_BUDGET_BYTES`.
+
 Pixels travel as numpy arrays, channels last, as decoders and resizers write them and as a GPU model reads them
 (channels_last): Ray pickles a torch tensor through torch's own serializer, several times slower than an array.
 
 Uploads travel in batches (the ingress gathers the requests in flight): one call per stage carries many images,
 so Serve's per-call cost is paid once per batch rather than once per image.
-
-With `RAY_SERVE_THROUGHPUT_OPTIMIZED` these calls are gRPC messages, which Ray limits to 4 MiB unless
-`RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` says otherwise: a single phone photo, or a batch of seven 448x448
-images (602 KB each), went over it and failed. Both serve configs set that limit to gRPC's largest,
-`MAX_MESSAGE_BYTES`, in the application's `runtime_env`, so every replica has it wherever it runs, and the
-ingress keeps each call's payload under `MESSAGE_BUDGET_BYTES` (README, "Messages between stages").
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bcnn.predict import Answer
+from bcnn.predict import Answer, Ranked
 from bcnn.preprocess import ImageError, Preprocess
 
-MAX_MESSAGE_BYTES = 2**31 - 1
-"""gRPC's largest message; the value of RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH in the serve configs."""
-MESSAGE_BUDGET_BYTES = MAX_MESSAGE_BYTES // 2
-"""Upload bytes plus decoded pixels per call, with room to spare for pickling and the rest of the message."""
+CALL_BUDGET_BYTES = 2**30
+"""Upload bytes plus decoded pixels per call between stages: a batch of any size, upload size or input size is sent
+as calls no larger than this, so that no single object crowds Ray's object store (30% of a node's memory)."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,33 @@ class ModelCard:
 
 
 @dataclass(frozen=True)
+class Scores:
+    """Classifier -> Ingress: the answers of one forward pass for consecutive usable images of a batch, as arrays.
+    The ingress makes each request's answer from them (`Ranked.answer`), so the Python per request runs in the
+    replicas that scale, not in the one Classifier a GPU has."""
+
+    ranked: Ranked
+    labels: tuple[str, ...]
+    model_name: str
+    model_version: str
+    inference_ms: float
+    batch_size: int
+    """images in the forward pass, other callers' included"""
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """Classifier -> Ingress: a batch's answers: the usable uploads' scores in upload order, one `Scores` per
+    forward pass they went through, and each refused upload's error by position."""
+
+    scores: list[Scores]
+    preprocess_ms: tuple[float, ...]
+    rejected: dict[int, ImageError]
+
+
+@dataclass(frozen=True)
 class Classified:
-    """Classifier -> Ingress, one per usable upload."""
+    """One usable upload's answer, made by the ingress from its batch's `Scores`."""
 
     answer: Answer
     model_name: str

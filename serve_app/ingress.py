@@ -1,5 +1,6 @@
 """The ingress deployment: the HTTP app's pipeline. Uploads in flight are gathered into batches; each batch's
-bytes go to a Preprocessor in one call, its uint8 tensors on to a Classifier in one call, small answers come back.
+bytes go to a Preprocessor in one call, its pixels from there to a Classifier through Ray's object store (the
+ingress hands on a reference), and the answers come back as arrays from which the ingress makes each request's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp
 from bcnn.allocator import keep_freed_memory
 from bcnn.preprocess import ImageError
 from deployments.config import IngressConfig
-from deployments.messages import MESSAGE_BUDGET_BYTES, Classified, ModelCard, Outcome
+from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, ScoredBatch
 from deployments.metrics import IngressMetrics
 from serve_app.errors import Overloaded
 from serve_app.http import build_http_app
@@ -48,6 +49,10 @@ class Ingress:
         keep_freed_memory()  # messages of a few MB each: reuse their buffers instead of page-faulting new ones
         self.preprocessor = preprocessor
         self.classifier = classifier
+        # Pixels go from the Preprocessor to the Classifier through Ray's object store: the ingress passes a
+        # reference on, and the Classifier maps the array from shared memory instead of receiving it over gRPC.
+        self._pixels_preprocessor = preprocessor.options(_by_reference=True)
+        self._pixels_classifier = classifier.options(_by_reference=True)
         self.config = IngressConfig()
         self._card: ModelCard | None = None
         self._card_lock = asyncio.Lock()
@@ -99,14 +104,14 @@ class Ingress:
     async def _pipeline(self, uploads: list[_Upload]) -> list[Outcome]:
         card = await self.model_card()
         side = card.preprocess.crop_size
-        parts = split_by_bytes(uploads, pixel_bytes=3 * side * side, budget=MESSAGE_BUDGET_BYTES)
+        parts = split_by_bytes(uploads, pixel_bytes=3 * side * side, budget=CALL_BUDGET_BYTES)
         outcomes = await asyncio.gather(*(self._prepare_and_classify(part, card) for part in parts))
         return list(itertools.chain.from_iterable(outcomes))
 
     async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard) -> list[Outcome]:
-        prepared = self.preprocessor.remote([u.data for u in uploads], card.preprocess,
-                                            tuple(u.request_id for u in uploads))
-        return await self.classifier.remote(prepared, [u.top_k for u in uploads])
+        prepared = self._pixels_preprocessor.remote([u.data for u in uploads], card.preprocess,
+                                                    tuple(u.request_id for u in uploads))
+        return outcomes(uploads, await self._pixels_classifier.remote(prepared, max(u.top_k for u in uploads)))
 
     async def health(self) -> dict[str, object]:
         """Each stage answers (one replica of each is asked), plus Serve's view of every deployment, so that a
@@ -143,6 +148,21 @@ class Ingress:
         return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
                        "starting": d.replica_states.get("STARTING", 0)}
                 for name, d in app.deployments.items()}
+
+
+def outcomes(uploads: list[_Upload], scored: ScoredBatch) -> list[Outcome]:
+    """Each upload's answer, or the error it was refused with, in upload order."""
+    rows = ((s, row) for s in scored.scores for row in range(len(s.ranked)))
+    preprocess_ms = iter(scored.preprocess_ms)
+    answered: list[Outcome] = []
+    for position, upload in enumerate(uploads):
+        if position in scored.rejected:
+            answered.append(scored.rejected[position])
+            continue
+        s, row = next(rows)
+        answered.append(Classified(s.ranked.answer(row, s.labels, upload.top_k), s.model_name, s.model_version,
+                                   next(preprocess_ms), s.inference_ms, s.batch_size))
+    return answered
 
 
 def split_by_bytes(uploads: list[_Upload], *, pixel_bytes: int, budget: int) -> list[list[_Upload]]:

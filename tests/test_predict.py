@@ -47,6 +47,15 @@ def test_scores_are_renormalised_over_the_waterbird_classes(predictor: Predictor
     assert predictor.labels[11] == "crane bird" and "crane" not in predictor.labels  # 517 is the machine
 
 
+def test_ranked_arrays_give_the_same_answers_row_by_row(predictor: Predictor) -> None:
+    logits = torch.randn(5, 1000) * 4
+    ranked = predictor.rank(logits, top_k=5)
+    assert ranked.indices.shape == ranked.scores.shape == (5, 5) and len(ranked[1:3]) == 2
+    answers = predictor.answers(logits, top_k=5)
+    assert [ranked.answer(row, predictor.labels) for row in range(5)] == answers
+    assert ranked[2:].answer(1, predictor.labels, top_k=2).predictions == answers[3].predictions[:2]
+
+
 def test_batches_give_the_same_answers_as_single_images(predictor: Predictor) -> None:
     images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
     batched = predictor.logits(images)
