@@ -1,5 +1,6 @@
-"""serve_config.yaml on a real multi-node Ray cluster on this machine (cluster/local.sh): placement on GPU
-nodes, and a GPU node stopped while requests flow."""
+"""serve_config.yaml on a real multi-node Ray cluster on this machine (cluster/local.sh), laid out like production:
+placement on CPU and GPU nodes, HTTP through HAProxy on the head to ingress replicas on another node, and a GPU
+node stopped while requests flow."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from load.loadgen import BackgroundLoad, Upload
@@ -49,9 +51,10 @@ def _replicas(service: Service, deployment: str) -> list[dict]:
 def test_classifiers_run_one_per_gpu_node_and_serve(cluster: Service, mapped_photos: list[Photo]) -> None:
     nodes = _nodes(cluster)
     gpu_nodes = {i for i, n in nodes.items() if n["resources_total"].get("GPU", 0) >= 1}
-    assert len(nodes) == 3 and len(gpu_nodes) == 2
+    assert len(nodes) == 4 and len(gpu_nodes) == 2
     head = [n for n in nodes.values() if n["is_head_node"]][0]
     assert head["resources_total"].get("GPU", 0) == 0 and head["resources_total"].get("head_node") == 1
+    assert head["resources_total"].get("CPU", 0) == 0  # no replica lands on the head
     classifiers = _replicas(cluster, "Classifier")
     assert len(classifiers) == 2
     assert {r["node_id"] for r in classifiers} == gpu_nodes  # only on GPU nodes, one per node
@@ -64,6 +67,25 @@ def test_classifiers_run_one_per_gpu_node_and_serve(cluster: Service, mapped_pho
     # Each replica saw the GPU Ray gave it on its own node: logical GPU 0 of that node.
     for records in cluster.replica_logs("Classifier").values():
         assert any("CUDA_VISIBLE_DEVICES='0'" in r["message"] for r in records)
+
+
+def test_the_heads_haproxy_forwards_to_ingress_replicas_on_another_node(cluster: Service,
+                                                                        mapped_photos: list[Photo]) -> None:
+    nodes = _nodes(cluster)
+    [cpu_node] = [i for i, n in nodes.items() if n["resources_total"].get("cpu_node")]
+    ingresses = _replicas(cluster, "Ingress")
+    assert ingresses and {r["node_id"] for r in ingresses} == {cpu_node}
+    assert {r["node_id"] for r in _replicas(cluster, "Preprocessor")} == {cpu_node}
+    [listener] = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == 8000]
+    assert psutil.Process(listener.pid).name() == "haproxy"  # not Serve's Python proxy
+
+    photo = mapped_photos[0]
+    response = httpx.post(cluster.url + "/classify", content=photo.path.read_bytes(), timeout=60,
+                          headers={"Content-Type": "image/jpeg", "X-Request-ID": "through-the-head"})
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"] == photo.imagenet_label
+    answered_by = {replica for replica, records in cluster.replica_logs("Ingress").items()
+                   if any(r.get("request_id") == "through-the-head" and "access" in r for r in records)}
+    assert answered_by and answered_by <= {r["replica_id"] for r in ingresses}
 
 
 def test_stopping_a_gpu_node_under_load_loses_no_request(cluster: Service, photos: list[Photo]) -> None:
