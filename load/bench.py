@@ -4,6 +4,9 @@
 2. our service end to end over HTTP (local profile) at 1, 8, 64 and 400 concurrent users;
 3. the serving ceiling: the same pipeline with the classifier told to skip the forward pass;
 4. the replaced 2019 design (Flask + `gunicorn -w N`) at the same concurrencies;
+5. the serving cost: CPU per answered request per process role of the production file (VGG16-BCNN 448, forward
+   pass skipped) with HAProxy and with Serve's proxy, the 2019 design beside it, and what that means for a GPU node
+   (`load.serving_cost`);
 
 then writes `load/results/<date>.json`, a plot beside it, and the results table into README.md.
 """
@@ -28,6 +31,7 @@ from typing import Any
 import httpx
 import yaml
 
+from load import serving_cost
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
@@ -38,6 +42,7 @@ PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "water
 USERS = (1, 8, 64, 400)
 SEED_PORT = 8001
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+COST_MARKERS = ("<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
 
 
 def _env() -> dict[str, str]:
@@ -165,7 +170,7 @@ def _in_process(uploads: list[Upload], seconds: float) -> dict[str, Any]:
     return {"runs": runs, "best": max(runs, key=lambda r: r["images_per_s"]), "single": one}
 
 
-def run(seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
+def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost.Node) -> dict[str, Any]:
     uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
     print(f"{len(uploads)} photos from {PHOTOS}", flush=True)
     print("in-process limit (before):", flush=True)
@@ -174,6 +179,7 @@ def run(seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
     seed = _seed_baseline(uploads, seconds, users, workers)
     print("in-process limit (after):", flush=True)
     after = _in_process(uploads, seconds / 2)
+    cost = serving_cost.run(uploads, node=node, seed_workers=workers)
     limit = (before["best"]["images_per_s"] + after["best"]["images_per_s"]) / 2
     single_ms = (before["single"]["latency_ms_p50"] + after["single"]["latency_ms_p50"]) / 2
     ours, ceiling, overhead, paired = service["ours"], service["ceiling"], service["overhead"], service["paired"]
@@ -204,6 +210,7 @@ def run(seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
         "serving_ceiling": ceiling,
         "seed_baseline": {"workers": workers, "results": seed},
         "ratios": ratios,
+        "serving_cost": cost,
     }
 
 
@@ -282,6 +289,14 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cost_section(report: dict[str, Any]) -> str:
+    cost = report["serving_cost"]
+    return (f"Measured {report['date']} on {report['machine']['cpus']} CPUs, `make bench`: {cost['model']}, "
+            f"{cost['users']} users for {cost['seconds']:g} s after a warm-up, the production `serve_config.yaml` "
+            f"on Ray declaring 16 CPUs and 1 GPU; CPU from /proc per process, each process's idle rate "
+            f"subtracted.\n\n{serving_cost.table(cost)}")
+
+
 def replace_readme_section(markers: tuple[str, str], text: str) -> None:
     """Write `text` between the two markers in README.md (left alone where they are missing)."""
     readme = ROOT / "README.md"
@@ -308,20 +323,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", default=",".join(map(str, USERS)))
     parser.add_argument("--seed-workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="gunicorn workers for the 2019 design (default: one per CPU, its best case)")
+    parser.add_argument("--node-cores", type=int, default=serving_cost.Node.cores,
+                        help="the GPU node the serving cost is projected onto: its cores (default: the H100 machine)")
+    parser.add_argument("--gpu-rate", type=float, default=serving_cost.Node.gpu_images_per_s,
+                        help="and its GPU's images/s (default: the H100 with the VGG16-BCNN 448 at batch 128)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
     if not PHOTOS.is_dir():
         print(f"no photos at {PHOTOS}; set WATERBIRD_PHOTOS to a folder of JPEGs", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = run(args.seconds, tuple(int(u) for u in args.users.split(",")), args.seed_workers)
+    report = run(args.seconds, tuple(int(u) for u in args.users.split(",")), args.seed_workers,
+                 serving_cost.Node(args.node_cores, args.gpu_rate))
     stem = report["date"][:10]
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, RESULTS / f"{stem}.png")
     text = table(report)
-    print("\n" + text)
+    cost = cost_section(report)
+    print("\n" + text + "\n\n" + cost)
     if not args.no_readme:
         replace_readme_section((README_START, README_END), f"{text}\n\n![Benchmark](load/results/{stem}.png)")
+        replace_readme_section(COST_MARKERS, cost)
     return 0
 
 

@@ -193,8 +193,9 @@ def project(cost: dict[str, Any], node: Node) -> dict[str, Any]:
     everything = sum(ms.values())
     spare_cores = node.cores - sum(cost["idle_cores"].values())
     caps = {"GPU": node.gpu_images_per_s, "cores": spare_cores * 1000 / max(everything, 1e-9)}
+    unused_proxy = {"Serve proxy", "HAProxy"} - set(cost.get("request_path", SERVING_ROLES))
     for role in PER_NODE_ROLES:
-        if role in cost.get("request_path", PER_NODE_ROLES) and ms.get(role):
+        if role not in unused_proxy and ms.get(role):
             replicas = node.classifiers_per_gpu if role == "Classifier" else 1
             caps[role] = replicas * 1000 / ms[role]
     limit = min(caps, key=lambda k: caps[k])
@@ -299,6 +300,49 @@ def format_cost(cost: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ROWS = (("Ingress", "Ingress replicas"), ("Preprocessor", "Preprocessor replicas"),
+        ("Classifier", "Classifier (one per GPU)"), ("Serve proxy", "Serve's proxy (one per node)"),
+        ("HAProxy", "HAProxy and its manager (one per node)"), ("Ray raylet", "raylet (one per node)"),
+        ("Serve controller", "Serve's controller"), ("Ray GCS", "GCS"), ("Ray (other)", "Ray's other processes"),
+        ("2019 design", "Gunicorn workers (2019 design)"))
+SEED_MEASURED_ON_H100_RPS = 793.0
+"""The 2019 design (`gunicorn -w 16`, VGG16-BCNN 448) on the H100 machine of `Node`'s defaults, 256 users."""
+
+
+def table(report: dict[str, Any]) -> str:
+    """The README's serving-cost section: CPU ms per request by process role side by side, and the projections."""
+    columns = [(f"ours, {'HAProxy' if proxy == 'haproxy' else 'Serve proxy'}", cost)
+               for proxy, cost in report["ours"].items()]
+    if "seed_baseline" in report:
+        columns.append((f"2019 design (`gunicorn -w {report['seed_baseline']['workers']}`)", report["seed_baseline"]))
+    lines = [f"| CPU ms per answered request | {' | '.join(name for name, _ in columns)} |",
+             f"| --- |{' --- |' * len(columns)}"]
+    for role, label in ROWS:
+        values = [c["ms_per_request"].get(role) for _, c in columns]
+        if any(v for v in values):
+            lines.append(f"| {label} | {' | '.join('' if v is None else f'{v:.2f}' for v in values)} |")
+    totals = [c["projection"]["serving_ms_per_request"] if "projection" in c else c["ms_per_request"]["2019 design"]
+              for _, c in columns]
+    lines.append(f"| **the request's path** | {' | '.join(f'**{t:.2f}**' for t in totals)} |")
+    lines.append(f"| answered here, req/s | {' | '.join(str(c['throughput_rps']) for _, c in columns)} |")
+    lines.append("")
+    for name, cost in columns:
+        if "projection" not in cost:
+            continue
+        p = cost["projection"]
+        caps = ", ".join(f"{k} {v:,}" for k, v in p["caps_rps"].items())
+        lines.append(f"- Projected, {name}: **{p['rps']:,} req/s** per node of {p['node']['cores']} cores and a GPU "
+                     f"of {p['node']['gpu_images_per_s']:,.0f} images/s, limited by {p['limited_by']} ({caps}); "
+                     f"{p['rps'] / SEED_MEASURED_ON_H100_RPS:.2f}x the 2019 design's {SEED_MEASURED_ON_H100_RPS:.0f} "
+                     f"req/s measured on that H100 node.")
+    if "seed_baseline" in report and "haproxy" in report["ours"]:
+        ours = report["ours"]["haproxy"]["projection"]["serving_ms_per_request"]
+        seed = report["seed_baseline"]["ms_per_request"]["2019 design"]
+        lines.append(f"- The request's path with HAProxy costs {ours:.2f} ms against the 2019 design's {seed:.2f} ms "
+                     f"({ours - seed:+.2f} ms).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--proxy", default="haproxy,serve", help="haproxy and/or serve")
@@ -318,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                  input_size=args.input_size, seed=not args.no_seed)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n" + table(report))
     return 0
 
 
