@@ -51,8 +51,9 @@ SEED_PORT = 8001
 # (HAProxy and the raylet run a few threads each, but HAProxy's manager is one Python process and the raylet's
 # node manager one event loop: counted as one process, a cap on the safe side.)
 PER_NODE_ROLES = ("Classifier", "Serve proxy", "HAProxy", "Ray raylet")
-SERVING_ROLES = ("Ingress", "Preprocessor", "Classifier", "Serve proxy", "HAProxy")
-"""The processes a request passes through; their sum is the serving path's CPU per request."""
+SERVING_ROLES = ("Ingress", "Preprocessor", "Classifier", "Serve proxy", "HAProxy", "Ray raylet")
+"""The processes a request passes through (the raylet moves the pixels between stages through the object store);
+their sum is the serving path's CPU per request."""
 
 
 @dataclass(frozen=True)
