@@ -37,3 +37,8 @@ class IngressConfig(_Strict):
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 when queues are full")
+    # Through Ray's object store the pixels skip the ingress and the Classifier maps them instead of receiving
+    # them: less CPU per request where a GPU node is capped, a few ms more latency per request on a small CPU
+    # (README, "Messages between stages").
+    pixels_by_reference: bool = Field(True, description="pixels go Preprocessor -> Classifier through the object "
+                                      "store; false: in gRPC messages through the ingress")

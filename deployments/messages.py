@@ -1,11 +1,12 @@
 """What crosses the hops between stages: uint8 pixels and small results, never floats or PIL images.
 
-The data path goes through Ray's object store, not Serve's gRPC messages: the ingress calls the Preprocessor and
-the Classifier by reference, so the upload bytes and the decoded pixels of a batch are written once into shared
-memory by the process that has them, the ingress hands only a reference from one stage to the next, and the
-Classifier maps the pixels instead of receiving them (a third less CPU per request in the one Classifier a GPU
-has; README, "Serving cost per request"). Nothing limits an object's size as gRPC limits a message's (4 MiB
-unless raised); the ingress still keeps each call under `CALL_BUDGET_BYTES`.
+A batch's pixels go from the Preprocessor to the Classifier one of two ways (`IngressConfig.pixels_by_reference`):
+through Ray's object store, written once into shared memory by the Preprocessor and mapped by the Classifier while
+the ingress hands on only a reference (a third less CPU per request in the one Classifier a GPU has), or in Serve's
+gRPC messages through the ingress (lower latency on a small CPU). gRPC messages are limited to 4 MiB unless
+`RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` says otherwise: one phone photo or seven 448x448 images went over it.
+Both serve configs raise it to gRPC's largest in the application's `runtime_env`, and the ingress keeps each call
+under `CALL_BUDGET_BYTES` whichever way it goes (README, "Messages between stages").
 
 Pixels travel as numpy arrays, channels last, as decoders and resizers write them and as a GPU model reads them
 (channels_last): Ray pickles a torch tensor through torch's own serializer, several times slower than an array.
@@ -25,7 +26,8 @@ from bcnn.preprocess import ImageError, Preprocess
 
 CALL_BUDGET_BYTES = 2**30
 """Upload bytes plus decoded pixels per call between stages: a batch of any size, upload size or input size is sent
-as calls no larger than this, so that no single object crowds Ray's object store (30% of a node's memory)."""
+as calls no larger than this, so that each fits a gRPC message (at most 2 GiB - 1, the value of
+RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH in the serve configs) and no single object crowds the object store."""
 
 
 @dataclass(frozen=True)

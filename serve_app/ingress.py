@@ -1,6 +1,7 @@
 """The ingress deployment: the HTTP app's pipeline. Uploads in flight are gathered into batches; each batch's
-bytes go to a Preprocessor in one call, its pixels from there to a Classifier through Ray's object store (the
-ingress hands on a reference), and the answers come back as arrays from which the ingress makes each request's.
+bytes go to a Preprocessor in one call, its pixels from there to a Classifier in one call (through Ray's object
+store, the ingress handing on a reference, or through the ingress), and the answers come back as arrays from which
+the ingress makes each request's.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ class Ingress:
         keep_freed_memory()  # messages of a few MB each: reuse their buffers instead of page-faulting new ones
         self.preprocessor = preprocessor
         self.classifier = classifier
-        # Pixels go from the Preprocessor to the Classifier through Ray's object store: the ingress passes a
-        # reference on, and the Classifier maps the array from shared memory instead of receiving it over gRPC.
-        self._pixels_preprocessor = preprocessor.options(_by_reference=True)
-        self._pixels_classifier = classifier.options(_by_reference=True)
+        # The two ways a batch can travel (`IngressConfig.pixels_by_reference`): by reference, the Preprocessor's
+        # result stays in Ray's object store, the ingress hands the Classifier a reference and the Classifier maps
+        # the pixels; by value, they come back here and go on in Serve's gRPC messages.
+        self._stages = {True: (preprocessor.options(_by_reference=True), classifier.options(_by_reference=True)),
+                        False: (preprocessor, classifier)}
         self.config = IngressConfig()
         self._card: ModelCard | None = None
         self._card_lock = asyncio.Lock()
@@ -109,9 +111,9 @@ class Ingress:
         return list(itertools.chain.from_iterable(outcomes))
 
     async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard) -> list[Outcome]:
-        prepared = self._pixels_preprocessor.remote([u.data for u in uploads], card.preprocess,
-                                                    tuple(u.request_id for u in uploads))
-        return outcomes(uploads, await self._pixels_classifier.remote(prepared, max(u.top_k for u in uploads)))
+        preprocessor, classifier = self._stages[self.config.pixels_by_reference]
+        prepared = preprocessor.remote([u.data for u in uploads], card.preprocess, tuple(u.request_id for u in uploads))
+        return outcomes(uploads, await classifier.remote(prepared, max(u.top_k for u in uploads)))
 
     async def health(self) -> dict[str, object]:
         """Each stage answers (one replica of each is asked), plus Serve's view of every deployment, so that a

@@ -57,19 +57,39 @@ def test_many_concurrent_uploads_at_448_all_answered(service448: Service, photos
     assert result.statuses == {200: 384}, result.summary()
 
 
-def test_phone_sized_uploads_alone_and_together(service448: Service) -> None:
+def _phone_sized_uploads_alone_and_together(service: Service) -> None:
     big = images.noise_jpeg(2000)
     assert len(big) > 4 * 2**20
-    assert _post(service448, big).status_code == 200
+    assert _post(service, big).status_code == 200
 
     async def together() -> list[int]:
         async with httpx.AsyncClient(timeout=120) as client:
-            responses = await asyncio.gather(*(client.post(service448.url + "/classify", content=big,
+            responses = await asyncio.gather(*(client.post(service.url + "/classify", content=big,
                                                            headers={"Content-Type": "image/jpeg"})
                                                for _ in range(12)))
             return [r.status_code for r in responses]
 
     assert asyncio.run(together()) == [200] * 12
+
+
+def test_phone_sized_uploads_alone_and_together(service448: Service) -> None:
+    _phone_sized_uploads_alone_and_together(service448)
+
+
+def test_pixels_through_the_ingress_in_grpc_messages_fit_too(service448: Service, vgg448: Path,
+                                                              photos: list[Photo]) -> None:
+    """`pixels_by_reference: false`, the local profile's way: the batches' pixels and the phone-sized uploads
+    travel in Serve's gRPC messages, within the limit the serve configs raise."""
+    config = _config(vgg448, skip_forward=True)
+    deployment(config, "Ingress")["user_config"]["pixels_by_reference"] = False
+    service448.deploy(config)
+    try:
+        _phone_sized_uploads_alone_and_together(service448)
+        uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:64]]
+        result = asyncio.run(run_load(service448.url + "/classify", uploads, users=64, requests_per_user=2))
+        assert result.statuses == {200: 128}, result.summary()
+    finally:
+        service448.deploy(_config(vgg448, skip_forward=True))
 
 
 def test_hostile_and_odd_inputs_at_448(service448: Service) -> None:
