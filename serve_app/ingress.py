@@ -92,7 +92,9 @@ class Ingress:
         upload = _Upload(data, top_k, request_id)
         try:
             outcome = await self._pipeline(upload)
-        except _REPLICA_LOST as e:
+        except Exception as e:
+            if not replica_lost(e):
+                raise
             # A replica died mid-request (a crash, a node gone): the bytes are still here, so try once more;
             # Serve routes around the dead replica.
             log.warning("replica lost (%s); retrying once", type(e).__name__)
@@ -150,6 +152,18 @@ class Ingress:
         return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
                        "starting": d.replica_states.get("STARTING", 0)}
                 for name, d in app.deployments.items()}
+
+
+def replica_lost(error: BaseException) -> bool:
+    """A replica of some stage died under this request. With pixels passed by reference, a Preprocessor lost
+    after its call was sent fails the Classifier's call too: Serve raises a `RayServeException` then, caused by
+    the Preprocessor's `ActorDiedError`."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, _REPLICA_LOST):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def outcomes(uploads: list[_Upload], scored: ScoredBatch) -> list[Outcome]:

@@ -170,9 +170,9 @@ def test_a_checkpoint_that_does_not_load_keeps_the_old_model_serving(service: Se
         service.deploy(load_config())
 
 
-def _classifier_pids() -> list[int]:
+def _replica_pids(deployment_name: str) -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).startswith(
-        "ray::ServeReplica:waterbirds:Classifier")]
+        f"ray::ServeReplica:waterbirds:{deployment_name}")]
 
 
 def _cmdline(proc: Path) -> str:
@@ -188,7 +188,7 @@ def test_killing_a_classifier_replica_under_load_fails_no_request(service: Servi
     async def scenario() -> tuple[object, list[dict]]:
         load = asyncio.create_task(run_load(service.url + "/classify", uploads, users=8, seconds=25))
         await asyncio.sleep(5)
-        os.kill(_classifier_pids()[0], signal.SIGKILL)
+        os.kill(_replica_pids("Classifier")[0], signal.SIGKILL)
         health = []
         for _ in range(15):
             await asyncio.sleep(1)
@@ -201,7 +201,25 @@ def test_killing_a_classifier_replica_under_load_fails_no_request(service: Servi
     gap = [h for h in health if h["deployments"]["Classifier"]["running"] < 2]
     assert gap and all(h["status"] == "degraded" for h in gap), "healthz shows the gap"
     service.wait_running()
-    assert len(_classifier_pids()) == 2
+    assert len(_replica_pids("Classifier")) == 2
+
+
+def test_killing_a_preprocessor_replica_under_load_fails_no_request(service: Service, photos: list[Photo]) -> None:
+    """In production the Preprocessor's pixels wait in the object store for the Classifier: a Preprocessor lost
+    mid-batch fails the Classifier's call as well, and the ingress retries the whole batch once."""
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:30]]
+    before = _replica_pids("Preprocessor")
+
+    async def scenario() -> object:
+        load = asyncio.create_task(run_load(service.url + "/classify", uploads, users=8, seconds=12))
+        await asyncio.sleep(4)
+        os.kill(before[0], signal.SIGKILL)
+        return await load
+
+    result = asyncio.run(scenario())
+    assert result.statuses == {200: len(result.outcomes)}, result.summary()
+    service.wait_running()
+    assert before[0] not in _replica_pids("Preprocessor")
 
 
 def _rss_peaks_mb() -> dict[str, float]:

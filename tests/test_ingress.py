@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from serve_app.ingress import _Upload, split_by_bytes
+from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import RayServeException
+
+from serve_app.ingress import _Upload, replica_lost, split_by_bytes
 
 
 def _uploads(*sizes: int) -> list[_Upload]:
@@ -52,3 +55,11 @@ def test_outcomes_put_answers_and_refusals_back_in_upload_order() -> None:
         ["crane"], ["stork", "crane", "heron"], ["heron", "stork"]]
     assert [(a.model_version, a.preprocess_ms) for a in (answers[0], answers[2], answers[3])] == [
         ("v1", 1.0), ("v2", 2.0), ("v2", 3.0)]
+
+
+def test_a_stage_lost_upstream_counts_as_a_replica_lost() -> None:
+    """Serve's router raises this when the Preprocessor whose pixels a Classifier call waits for has died."""
+    upstream = RayServeException("Request to deployment 'Classifier' failed because an upstream actor died")
+    upstream.__cause__ = ActorDiedError()
+    assert replica_lost(ActorDiedError()) and replica_lost(upstream)
+    assert not replica_lost(RayServeException("something else")) and not replica_lost(ValueError("bad image"))
