@@ -1,7 +1,8 @@
-"""The bare model's speed on this machine: images/s and latency per batch size and thread count."""
+"""The bare model's speed on this machine: images/s and latency per backend, batch size and thread count."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import resource
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from bcnn.backends import BackendName
 from bcnn.predict import Predictor
 from bcnn.weights import get_weights
 
@@ -22,13 +24,12 @@ def peak_rss_mb() -> float:
 
 def bench_model(checkpoint: str = "default", *, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
                 threads: tuple[int, ...] = (1, 2), seconds: float = 3.0, classes_file: str | None = None,
-                device: str | None = None) -> dict[str, Any]:
+                device: str | None = None, backends: tuple[BackendName, ...] = ("auto",)) -> dict[str, Any]:
     weights = get_weights(checkpoint, classes_file=classes_file)
-    predictor = Predictor(weights, device=device)
     size = weights.preprocess.crop_size
     rows = []
-    for n_threads in threads:
-        torch.set_num_threads(n_threads)
+    for backend, n_threads in itertools.product(backends, threads):
+        predictor = Predictor(weights, device=device, backend=backend, threads=n_threads)
         for batch in batch_sizes:
             images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
             for _ in range(2):
@@ -40,6 +41,7 @@ def bench_model(checkpoint: str = "default", *, batch_sizes: tuple[int, ...] = (
                 predictor.logits(images)
                 latencies.append(time.perf_counter() - t0)
             rows.append({
+                "backend": predictor.backend.name,
                 "threads": n_threads,
                 "batch_size": batch,
                 "images_per_s": round(batch * len(latencies) / sum(latencies), 2),
@@ -52,11 +54,20 @@ def bench_model(checkpoint: str = "default", *, batch_sizes: tuple[int, ...] = (
         "model_version": weights.version,
         "input_size": size,
         "device": str(predictor.device),
+        "backends": sorted({r["backend"] for r in rows}),
         "machine": {"cpus": len(os.sched_getaffinity(0)),
                     "platform": platform.platform(), "processor": platform.machine(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "onnxruntime": _onnxruntime_version()},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "results": rows,
         "best": best,
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def _onnxruntime_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__

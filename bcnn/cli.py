@@ -1,4 +1,4 @@
-"""`python -m bcnn predict | train | evaluate | bench | convert`."""
+"""`python -m bcnn predict | train | evaluate | bench | convert | export`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     weights = get_weights(args.checkpoint, classes_file=args.classes)
-    predictor = Predictor(weights, threshold=args.threshold, device=args.device)
+    predictor = Predictor(weights, threshold=args.threshold, device=args.device, backend=args.backend,
+                          threads=args.threads)
     failed = 0
     for name in args.images:
         try:
@@ -70,8 +71,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from bcnn.bench import bench_model
 
+    backends = ("torch", "onnxruntime") if args.backend == "both" else (args.backend,)
     result = bench_model(args.checkpoint, batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads),
-                         seconds=args.seconds, classes_file=args.classes, device=args.device)
+                         seconds=args.seconds, classes_file=args.classes, device=args.device, backends=backends)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -92,6 +94,36 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from bcnn.backends import open_session
+    from bcnn.data import IMAGE_SUFFIXES
+    from bcnn.export import export_onnx, verify, write_atomically
+    from bcnn.models import build_model, prepare_for_inference
+    from bcnn.preprocess import preprocess_image
+    from bcnn.weights import get_weights
+
+    weights = get_weights(args.checkpoint, classes_file=args.classes)
+    model = prepare_for_inference(build_model(weights))
+    data, _ = export_onnx(weights, model)
+    out = write_atomically(args.out, data)
+    print(f"wrote {out}: {len(data) / 1e6:.1f} MB, {weights.name} {weights.version}, uint8 [N, 3, "
+          f"{weights.preprocess.crop_size}, {weights.preprocess.crop_size}] in, {len(weights.categories)} logits out")
+    paths = [p for name in args.verify for p in (sorted(Path(name).rglob("*")) if Path(name).is_dir() else [Path(name)])
+             if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not paths:
+        print("not verified: pass --verify with photos (files or folders) to check ONNX Runtime against PyTorch")
+        return 0
+    images = []
+    for path in paths:
+        try:
+            images.append(preprocess_image(path.read_bytes(), weights.preprocess))
+        except ImageError as e:
+            print(f"{path}: skipped: {e}", file=sys.stderr)
+    result = verify(model, open_session(data), images)
+    print(f"ONNX Runtime against PyTorch on {len(images)} photos: {result}")
+    return 0 if result.passed else 1
+
+
 def _int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -110,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--classes", help="class list ('index name' lines) for a 2019 service checkpoint")
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
+    def backend_option(p: argparse.ArgumentParser, *extra: str) -> None:
+        from bcnn.backends import BACKENDS
+
+        p.add_argument("--backend", choices=(*BACKENDS, *extra), default="auto",
+                       help="where the forward pass runs; auto: ONNX Runtime on the CPU, torch on CUDA")
+
     p = sub.add_parser("predict", help="name the species in photos")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     model_options(p)
@@ -119,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waterbird probability mass below which a photo is 'not a waterbird'")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    backend_option(p)
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("train", help="train a BCNN on your photos (ImageFolder or CUB-200-2011 layout)")
@@ -149,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_int_list, default=[1, 2])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--out", help="also write the JSON here")
+    backend_option(p, "both")
     p.set_defaults(run=_bench)
 
     p = sub.add_parser("convert", help="write any model (a 2019 service checkpoint, 'default') in this "
@@ -157,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="class list, for a 2019 service checkpoint")
     p.add_argument("--out", required=True)
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser("export", help="write the model as an ONNX file for ONNX Runtime (phones, edge devices, "
+                                      "other languages) and check it against PyTorch")
+    model_options(p)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--verify", nargs="*", default=[], metavar="PHOTO",
+                   help="photos or folders of photos: top-1 must match PyTorch on all, logits within tolerance")
+    p.set_defaults(run=_export)
     return parser
 
 

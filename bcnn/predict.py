@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -11,17 +11,9 @@ import torch
 from torch import Tensor
 
 from bcnn.allocator import keep_freed_memory
+from bcnn.backends import BackendName, build_backend
 from bcnn.models import build_model, prepare_for_inference
-from bcnn.weights import Weights
-
-DEFAULT_WATERBIRD_THRESHOLD = 0.2
-"""Probability mass the full softmax must put on the answer classes to call a photo a waterbird.
-
-Measured with the embedded default (README, "Choosing the waterbird threshold"): 20 non-bird photos (a cat,
-people, a rocket, coffee, textures...) put at most 0.026 on the waterbird classes; 78% of the 243 shared
-waterbird photos put at least 0.2 there (the rest are species ImageNet does not have, such as gulls and grebes).
-0.2 keeps an eightfold margin above everything that is not a bird.
-"""
+from bcnn.weights import DEFAULT_WATERBIRD_THRESHOLD, Weights
 
 
 @dataclass(frozen=True)
@@ -77,32 +69,24 @@ class Predictor:
     """A loaded model plus what turns its logits into answers. Build once, call per batch."""
 
     def __init__(self, weights: Weights, *, device: str | torch.device | None = None,
-                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD) -> None:
+                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD, backend: BackendName = "auto",
+                 threads: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        """`backend`: where the forward pass runs (`bcnn.backends`); `threads`: its intra-op threads (None: the
+        calling thread's torch setting); `cache_dir`: where ONNX Runtime's exported files are kept."""
         keep_freed_memory()  # once per process: every forward pass reuses its buffers (bcnn/allocator.py)
         self.weights = weights
         self.device = pick_device(str(device) if device else None)
         self.threshold = threshold
         model = prepare_for_inference(build_model(weights))
-        if self.device.type == "cuda":
-            model = model.to(self.device, memory_format=torch.channels_last)
-        self.model = model.to(self.device)
+        self.backend = build_backend(weights, model, device=self.device, backend=backend, threads=threads,
+                                     cache_dir=cache_dir)
         self.labels = weights.labels
         answer = weights.answer_indices or range(len(weights.categories))
         self._answer_index = torch.tensor(list(answer), dtype=torch.long)
 
-    @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
-        """uint8 [N, 3, H, W] on any device -> float logits [N, C] on the CPU.
-
-        The images run channels last on every device (a copy only where they are not already, as pixels from
-        `bcnn.preprocess.load_image` are): on the development CPU Lite0 is 15-20% faster so than in NCHW."""
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            autocast = torch.autocast("cuda", dtype=torch.float16)
-        else:
-            autocast = contextlib.nullcontext()
-        with autocast:
-            return self.model(images).float().cpu()
+        """uint8 [N, 3, H, W] on any device -> float32 logits [N, C] on the CPU."""
+        return self.backend(images)
 
     def warm_up(self, max_batch_size: int = 1) -> tuple[int, ...]:
         """One forward pass per batch size the model will see, before it takes traffic; call it on the thread

@@ -25,7 +25,8 @@ from deployments.metrics import ClassifierMetrics
 
 log = logging.getLogger("ray.serve")
 
-_MODEL_FIELDS = ("checkpoint", "classes_file")
+# A change of any of these builds a new Predictor beside the old one (ONNX Runtime fixes its threads per session).
+_MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads")
 _T = TypeVar("_T")
 
 
@@ -73,8 +74,8 @@ class Classifier:
             await self._load(config)
         else:
             self.predictor.threshold = config.waterbird_threshold
-            if (config.max_batch_size, config.torch_threads) != (old.max_batch_size, old.torch_threads):
-                await self._on_inference_thread(_warm_up, self.predictor, config)
+            if config.max_batch_size != old.max_batch_size:
+                await self._on_inference_thread(self.predictor.warm_up, config.max_batch_size)
         self._classify_batch.set_max_batch_size(config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
@@ -84,8 +85,9 @@ class Classifier:
         try:
             weights = get_weights(config.checkpoint, classes_file=config.classes_file)
             # Built off the inference thread, which keeps answering with the old model meanwhile; warmed up on it.
-            predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold)
-            sizes = await self._on_inference_thread(_warm_up, predictor, config)
+            predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold,
+                                                backend=config.backend, threads=config.threads)
+            sizes = await self._on_inference_thread(predictor.warm_up, config.max_batch_size)
         except Exception as e:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
             log.error(self.load_error)
@@ -96,21 +98,22 @@ class Classifier:
         load_seconds = time.perf_counter() - start
         self.metrics.load_seconds.set(load_seconds)
         self._report_model(predictor, 1)
-        log.info("loaded model %s version %s on %s in %.2f s, warmed up on the inference thread for batch sizes %s",
-                 weights.name, weights.version, predictor.device, load_seconds, list(sizes))
+        log.info("loaded model %s version %s on %s (%s, %d threads) in %.2f s, warmed up on the inference thread "
+                 "for batch sizes %s", weights.name, weights.version, predictor.device, predictor.backend.name,
+                 config.threads, load_seconds, list(sizes))
 
     async def _on_inference_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._inference, fn, *args)
 
     def _report_model(self, predictor: Predictor, value: int) -> None:
         self.metrics.model.set(value, tags={"model": predictor.weights.name, "version": predictor.weights.version,
-                                            "device": str(predictor.device)})
+                                            "device": str(predictor.device), "backend": predictor.backend.name})
 
     def card(self) -> ModelCard:
         predictor = self._require_model()
         weights = predictor.weights
         return ModelCard(weights.name, weights.version, predictor.labels, weights.preprocess,
-                         str(predictor.device))
+                         str(predictor.device), predictor.backend.name)
 
     async def __call__(self, batch: PreparedBatch, top_k: int) -> ScoredBatch:
         """The `top_k` best classes of each usable image of a batch, in order, one `Scores` per forward pass they
@@ -136,7 +139,7 @@ class Classifier:
         if config.skip_forward:
             logits = torch.zeros(len(images), len(predictor.weights.categories))
         else:
-            logits = await self._on_inference_thread(_forward, predictor, images, config.torch_threads)
+            logits = await self._on_inference_thread(predictor.logits, images)
         inference_ms = (time.perf_counter() - start) * 1000
         self.metrics.latency.observe(inference_ms)
         self.metrics.batch_size.observe(len(images))
@@ -154,21 +157,6 @@ class Classifier:
     def check_health(self) -> None:
         if self.predictor is None:
             raise RuntimeError(self.load_error or "the model is not loaded")
-
-
-def _forward(predictor: Predictor, images: torch.Tensor, threads: int) -> torch.Tensor:
-    _set_threads(threads)
-    return predictor.logits(images)
-
-
-def _warm_up(predictor: Predictor, config: ClassifierConfig) -> tuple[int, ...]:
-    _set_threads(config.torch_threads)
-    return predictor.warm_up(config.max_batch_size)
-
-
-def _set_threads(threads: int) -> None:
-    if torch.get_num_threads() != threads:  # OpenMP's thread count belongs to the calling thread
-        torch.set_num_threads(threads)
 
 
 def _fit(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -55,6 +55,7 @@ class ModelCard:
     labels: tuple[str, ...]
     preprocess: Preprocess
     device: str
+    backend: str
 
 
 @dataclass(frozen=True)

@@ -49,4 +49,4 @@ class ClassifierMetrics:
                                     boundaries=BATCH_SIZES)
         self.load_seconds = Gauge("waterbirds_model_load_seconds", description="Time the current model took to load")
         self.model = Gauge("waterbirds_model_info", description="1 for the model this replica serves",
-                           tag_keys=("model", "version", "device"))
+                           tag_keys=("model", "version", "device", "backend"))

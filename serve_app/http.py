@@ -36,7 +36,7 @@ class Pipeline(Protocol):
 
     async def classify(self, data: bytes, top_k: int, request_id: str) -> Classified: ...
 
-    async def model_card(self) -> ModelCard: ...
+    async def model_card(self, *, refresh: bool = False) -> ModelCard: ...
 
     async def health(self) -> dict[str, object]: ...
 
@@ -195,10 +195,11 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
 
     async def labels(_request: Request) -> Response:
         try:
-            card = await pipeline.model_card()
+            card = await pipeline.model_card(refresh=True)
         except Exception as e:  # noqa: BLE001
             return error_response(to_api_error(e))
-        return JSONResponse({"model": {"name": card.name, "version": card.version}, "labels": list(card.labels)})
+        return JSONResponse({"model": {"name": card.name, "version": card.version, "device": card.device,
+                                       "backend": card.backend}, "labels": list(card.labels)})
 
     async def openapi_json(_request: Request) -> Response:
         return Response(openapi, media_type="application/json")

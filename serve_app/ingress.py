@@ -80,11 +80,12 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_http_app(self, IngressMetrics())
 
-    async def model_card(self, *, seen_version: str | None = None) -> ModelCard:
+    async def model_card(self, *, seen_version: str | None = None, refresh: bool = False) -> ModelCard:
         """The classifiers' model: its preprocessing travels with every request to the preprocessors. Fetched
-        again once a response shows a version other than the cached one (a swap landed), once per swap."""
+        again once a response shows a version other than the cached one (a swap landed), once per swap, or when
+        asked (`/labels`, which also shows the backend, which can change without a new version)."""
         async with self._card_lock:
-            if self._card is None or (seen_version is not None and self._card.version != seen_version):
+            if refresh or self._card is None or (seen_version is not None and self._card.version != seen_version):
                 self._card = await self.classifier.card.remote()
             return self._card
 

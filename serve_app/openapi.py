@@ -65,7 +65,10 @@ OPENAPI: dict[str, Any] = {
         "schemas": {
             "Error": _ERROR,
             "Model": {"type": "object", "required": ["name", "version"],
-                      "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+                      "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                     "device": {"type": "string", "description": "cpu, cuda:0 ... (/labels only)"},
+                                     "backend": {"type": "string", "enum": ["torch", "onnxruntime"],
+                                                 "description": "where the forward pass runs (/labels only)"}}},
             "Answer": {
                 "type": "object",
                 "required": ["request_id", "model", "is_waterbird", "predictions", "timing_ms"],

@@ -26,12 +26,13 @@ def test_predict_json_answers_good_files_and_reports_bad_ones(tmp_path: Path, ma
     assert second == {"file": str(bad), "error": {"code": "invalid_image", "message": second["error"]["message"]}}
 
 
-def test_bench_writes_json(tmp_path: Path) -> None:
-    result = _cli("bench", "--batch-sizes", "1,2", "--threads", "1", "--seconds", "0.3", "--out",
-                  str(tmp_path / "b.json"))
+def test_bench_writes_json_for_both_backends(tmp_path: Path) -> None:
+    result = _cli("bench", "--batch-sizes", "1,2", "--threads", "1", "--seconds", "0.3", "--backend", "both",
+                  "--out", str(tmp_path / "b.json"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "b.json").read_text())
-    assert [r["batch_size"] for r in report["results"]] == [1, 2]
+    assert [(r["backend"], r["batch_size"]) for r in report["results"]] == [
+        ("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)]
     assert report["best"]["images_per_s"] > 0 and report["peak_rss_mb"] > 0
 
 

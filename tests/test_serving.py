@@ -175,6 +175,35 @@ def test_redeploy_with_a_new_checkpoint_swaps_in_place_with_no_failed_request(
         service.deploy(load_config())
 
 
+def test_the_service_answers_through_onnx_runtime_and_swaps_to_torch_in_place(
+        service: Service, mapped_photos: list[Photo]) -> None:
+    """`backend: auto` is ONNX Runtime on a CPU; a redeploy with `backend: torch` swaps it under load, no request
+    failing, and the answers stay the same."""
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in mapped_photos]
+
+    def model() -> dict[str, str]:
+        return httpx.get(service.url + "/labels", timeout=30).json()["model"]
+
+    def top1() -> list[tuple[str, float]]:
+        return [(b["predictions"][0]["label"], b["predictions"][0]["score"])
+                for b in (_post(service, u.data).json() for u in uploads)]
+
+    assert model()["backend"] == "onnxruntime" and model()["device"] == "cpu"
+    before = top1()
+    config = load_config()
+    deployment(config, "Classifier")["user_config"]["backend"] = "torch"
+    try:
+        with BackgroundLoad(service.url + "/classify", uploads, users=4) as load:
+            service.deploy(config)
+        assert load.result is not None and load.result.statuses == {200: len(load.result.outcomes)}
+        assert model()["backend"] == "torch"
+        after = top1()
+        assert [label for label, _ in after] == [label for label, _ in before]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(after, before, strict=True)) < 1e-4
+    finally:
+        service.deploy(load_config())
+
+
 def test_full_ingress_answers_503_with_retry_after_before_reading_the_body(service: Service,
                                                                           photos: list[Photo]) -> None:
     config = load_config()
