@@ -2,6 +2,7 @@
 
 1. the in-process limit (decode + preprocess + model in a tight loop), before and after the HTTP phases;
 2. our service end to end over HTTP (local profile) at 1, 8, 64 and 400 concurrent users;
+   the backend `auto` chose (ONNX Runtime on a CPU) against torch, in process and through the service, alternating;
 3. the serving ceiling: the same pipeline with the classifier told to skip the forward pass;
 4. the replaced 2019 design (Flask + `gunicorn -w N`) at the same concurrencies;
 5. the serving cost: CPU per answered request per process role of the production file (VGG16-BCNN 448, forward
@@ -104,13 +105,73 @@ def _paired(url: str, uploads: list[Upload], users: int, seconds: float, rounds:
     return {"users": users, "seconds": seconds, "ratios": ratios, "median": statistics.median(ratios)}
 
 
+def _backends_in_process(uploads: list[Upload], seconds: float, rounds: int = 2) -> dict[str, Any]:
+    """The in-process limit's configuration (2 processes x 1 thread, batch 1) with torch and with the backend
+    `auto` picks, alternating so that the machine's drift hits both alike."""
+    runs: dict[str, list[float]] = {"torch": [], "auto": []}
+    chosen = ""
+    for _ in range(rounds):
+        for backend in runs:
+            result = measure(uploads, processes=2, threads=1, batch_size=1, seconds=seconds, backend=backend)
+            runs[backend].append(result["images_per_s"])
+            chosen = result["backend"] if backend == "auto" else chosen
+            print(f"  in-process, {result['backend']}: {result['images_per_s']} img/s", flush=True)
+    return _backend_ratio(runs, chosen)
+
+
+def _backend_ratio(runs: dict[str, list[float]], chosen: str) -> dict[str, Any]:
+    ratios = [round(a / t, 3) for t, a in zip(runs["torch"], runs["auto"], strict=True)]
+    return {"auto_chose": chosen, "torch": runs["torch"], "auto": runs["auto"], "ratios": ratios,
+            "median_ratio": statistics.median(ratios)}
+
+
+def _backends_through_service(url: str, uploads: list[Upload], config: dict[str, Any], env: dict[str, str],
+                              users: int, seconds: float, rounds: int = 2) -> dict[str, Any]:
+    """Our service at `users` with the Classifier's `backend` set to torch, then back to auto, alternating: each
+    a model swap in place (`serve deploy`), as an operator would do it."""
+    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+    runs: dict[str, list[float]] = {"torch": [], "auto": []}
+    chosen = ""
+    for _ in range(rounds):
+        for backend in runs:
+            classifier["user_config"]["backend"] = backend
+            running = _deploy(config, env)
+            chosen = running if backend == "auto" else chosen
+            print(f"  through the service, backend {running}:", flush=True)
+            runs[backend].append(_load(url, uploads, users, seconds)["throughput_rps"])
+    classifier["user_config"]["backend"] = "auto"
+    _deploy(config, env)
+    return {"users": users, **_backend_ratio(runs, chosen)}
+
+
+def _deploy(config: dict[str, Any], env: dict[str, str], timeout_s: float = 300) -> str:
+    """`serve deploy` a changed config and wait until the Classifiers report the new model settings; returns the
+    backend they run."""
+    path = RESULTS / ".bench-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
+    finally:
+        path.unlink(missing_ok=True)
+    wanted = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")["user_config"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = subprocess.run([*cli("serve"), "status"], env=env, capture_output=True, text=True).stdout
+        app = (yaml.safe_load(status) or {}).get("applications", {}).get("waterbirds", {})
+        if app.get("status") == "RUNNING":
+            model = httpx.get("http://127.0.0.1:8000/labels", timeout=30).json()["model"]
+            if wanted.get("backend", "auto") in ("auto", model["backend"]):
+                return str(model["backend"])
+        time.sleep(1)
+    raise TimeoutError(f"the service did not run the new configuration within {timeout_s} s")
+
+
 def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) -> dict[str, Any]:
     env = _env()
     stop_ray(env, force=True)
     ensure_auth_token(env)
     subprocess.run(ray_start_command(), env=env, check=True, capture_output=True)
     config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
-    path = RESULTS / ".bench-config.yaml"
     try:
         subprocess.run([*cli("serve"), "deploy", str(ROOT / "serve_config.local.yaml")], env=env, check=True,
                        capture_output=True)
@@ -121,18 +182,16 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
         overhead = _serving_overhead(url, uploads)
         paired = _paired(url, uploads, users=max(users, key=lambda u: ours[str(u)]["throughput_rps"]),
                          seconds=seconds / 2)
+        print("backends through the service (torch, then auto, twice):", flush=True)
+        backends = _backends_through_service(url, uploads, config, env, users=64, seconds=seconds)
 
         classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
         classifier["user_config"]["skip_forward"] = True
-        path.write_text(yaml.safe_dump(config))
-        subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
-        time.sleep(10)
-        _wait_http("http://127.0.0.1:8000/healthz")
+        _deploy(config, env)
         print("serving ceiling (classifier skips the forward pass):", flush=True)
         ceiling = {str(u): _load(url, uploads, u, seconds) for u in (1, 64)}
-        return {"ours": ours, "ceiling": ceiling, "overhead": overhead, "paired": paired}
+        return {"ours": ours, "ceiling": ceiling, "overhead": overhead, "paired": paired, "backends": backends}
     finally:
-        path.unlink(missing_ok=True)
         stop_ray(env, force=True)
 
 
@@ -175,6 +234,8 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
     print(f"{len(uploads)} photos from {PHOTOS}", flush=True)
     print("in-process limit (before):", flush=True)
     before = _in_process(uploads, seconds / 2)
+    print("backends in process (torch, then auto, twice):", flush=True)
+    backends_in_process = _backends_in_process(uploads, seconds / 2)
     service = _our_service(uploads, seconds, users)
     seed = _seed_baseline(uploads, seconds, users, workers)
     print("in-process limit (after):", flush=True)
@@ -191,6 +252,8 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
         if "1" in ours else None,
         "serving_overhead_one_user_ms": overhead["overhead_ms_p50"],
         "serving_ceiling_rps": max(r["throughput_rps"] for r in ceiling.values()),
+        "auto_over_torch_in_process": backends_in_process["median_ratio"],
+        "auto_over_torch_through_service": service["backends"]["median_ratio"],
     }
     for u in ("64", "400"):
         if u in ours and u in seed:
@@ -203,7 +266,8 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
                     "python": platform.python_version()},
         "seconds_per_point": seconds,
         "in_process": {"before": before, "after": after, "limit_images_per_s": round(limit, 2),
-                       "single_image_latency_ms": round(single_ms, 2)},
+                       "single_image_latency_ms": round(single_ms, 2), "backend": before["best"]["backend"]},
+        "backends": {"in_process": backends_in_process, "through_service": service["backends"]},
         "ours": ours,
         "serving_overhead_one_user": overhead,
         "paired_with_in_process": paired,
@@ -265,7 +329,9 @@ def table(report: dict[str, Any]) -> str:
     ip = report["in_process"]
     lines = [
         f"Measured {report['date']} on {report['machine']['cpus']} CPUs ({report['machine']['platform']}), "
-        f"{report['seconds_per_point']:g} s per point, `make bench`.",
+        f"{report['seconds_per_point']:g} s per point, `make bench`. Every figure below runs the model with the "
+        f"backend `auto` chose here, **{ip['backend']}**, ours, the 2019 design and the in-process limit alike, "
+        f"except the torch column of the backend comparison.",
         "",
         *rows,
         "",
@@ -281,12 +347,26 @@ def table(report: dict[str, Any]) -> str:
         f"**{r['serving_overhead_one_user_ms']} ms**.",
         f"- Serving ceiling (the same pipeline, classifier skipping the forward pass): "
         f"**{r['serving_ceiling_rps']} req/s**.",
+        _backends_line(report["backends"]),
     ]
     for u in ("64", "400"):
         if f"throughput_ours_over_seed_at_{u}" in r:
             lines.append(f"- At {u} users, ours / 2019 design: throughput "
                          f"**{r[f'throughput_ours_over_seed_at_{u}']}**, p99 **{r[f'p99_ours_over_seed_at_{u}']}**.")
     return "\n".join(lines)
+
+
+def _backends_line(backends: dict[str, Any]) -> str:
+    in_process, service = backends["in_process"], backends["through_service"]
+
+    def runs(b: dict[str, Any], unit: str) -> str:
+        return (f"torch {' / '.join(map(str, b['torch']))} {unit} against {b['auto_chose']} "
+                f"{' / '.join(map(str, b['auto']))} {unit}")
+
+    return (f"- Backend `auto` ({in_process['auto_chose']}) / torch, alternating runs: in process (2 processes x 1 "
+            f"thread, batch 1) **{in_process['median_ratio']}x** ({runs(in_process, 'img/s')}); through the service at "
+            f"{service['users']} users, swapped in place with `serve deploy` **{service['median_ratio']}x** "
+            f"({runs(service, 'req/s')}).")
 
 
 def cost_section(report: dict[str, Any]) -> str:

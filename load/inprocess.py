@@ -14,7 +14,7 @@ from typing import Any
 from load.loadgen import Upload
 
 
-def _worker(uploads: list[Upload], seconds: float, threads: int, batch_size: int,
+def _worker(uploads: list[Upload], seconds: float, threads: int, batch_size: int, backend: str,
             start_at: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
     import torch
 
@@ -24,7 +24,7 @@ def _worker(uploads: list[Upload], seconds: float, threads: int, batch_size: int
 
     torch.set_num_threads(threads)
     weights = get_weights("default")
-    predictor = Predictor(weights)
+    predictor = Predictor(weights, backend=backend, threads=threads)  # type: ignore[arg-type]
     for upload in uploads[:3]:
         predictor(preprocess_image(upload.data, weights.preprocess)[None])
     while time.time() < start_at:
@@ -40,24 +40,25 @@ def _worker(uploads: list[Upload], seconds: float, threads: int, batch_size: int
         predictor(torch.stack(batch))
         latencies.append(time.perf_counter() - t0)
         done += batch_size
-    queue.put((done, latencies))
+    queue.put((done, latencies, predictor.backend.name))
 
 
 def measure(uploads: list[Upload], *, processes: int = 1, threads: int = 1, batch_size: int = 1,
-            seconds: float = 10.0) -> dict[str, Any]:
+            seconds: float = 10.0, backend: str = "auto") -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 8.0  # every worker loaded and warm before the clock starts
-    workers = [ctx.Process(target=_worker, args=(uploads, seconds, threads, batch_size, start_at, queue))
+    workers = [ctx.Process(target=_worker, args=(uploads, seconds, threads, batch_size, backend, start_at, queue))
                for _ in range(processes)]
     for w in workers:
         w.start()
     results = [queue.get(timeout=seconds + 120) for _ in workers]
     for w in workers:
         w.join()
-    total = sum(done for done, _ in results)
-    latencies = [lat for _, lats in results for lat in lats]
+    total = sum(done for done, _, _ in results)
+    latencies = [lat for _, lats, _ in results for lat in lats]
     return {
+        "backend": results[0][2],
         "processes": processes,
         "threads": threads,
         "batch_size": batch_size,
