@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bcnn.export import INPUT_NAME, OUTPUT_NAME, OnnxModelError, content_sha256, export_onnx, write_atomically
-from bcnn.models import ImageClassifier
+from bcnn.models import ImageClassifier, build_model, prepare_for_inference
 from bcnn.weights import Weights
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,13 @@ def resolve(requested: BackendName, device: torch.device) -> Literal["torch", "o
     return "onnxruntime" if device.type == "cpu" and onnxruntime_available() else "torch"
 
 
-def build_backend(weights: Weights, model: ImageClassifier, *, device: torch.device, backend: BackendName = "auto",
+def build_backend(weights: Weights, *, device: torch.device, backend: BackendName = "auto",
                   threads: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> Backend:
-    """`model` is built from `weights` and prepared for inference. None `threads`: the calling thread's torch
-    setting."""
+    """None `threads`: the calling thread's torch setting."""
     name = resolve(backend, device)
     if name == "torch":
-        return TorchBackend(model, device, threads)
-    return onnxruntime_backend(weights, model, device=device, threads=threads or torch.get_num_threads(),
+        return TorchBackend(prepare_for_inference(build_model(weights)), device, threads)
+    return onnxruntime_backend(weights, device=device, threads=threads or torch.get_num_threads(),
                                cache_dir=cache_dir)
 
 
@@ -137,12 +136,13 @@ def check_session(session: object, path: str | os.PathLike[str], *, content: str
                                    f"{len(weights.categories)} classes")
 
 
-def onnxruntime_backend(weights: Weights, model: ImageClassifier, *, device: torch.device, threads: int = 1,
+def onnxruntime_backend(weights: Weights, *, device: torch.device, threads: int = 1,
                         cache_dir: str | os.PathLike[str] | None = None) -> OnnxRuntimeBackend:
-    """From the cache (`<cache>/onnx/<content>.onnx`) when a file there was exported from these tensors; else
-    exported now and written there. A cached file that fails to load or does not match is refused (logged, with
-    the reason) and replaced; a cache that cannot be written leaves the model in memory only."""
-    content = content_sha256(model, weights)
+    """From the cache (`<cache>/onnx/<content>.onnx`) when a file there was exported from these tensors, with no
+    torch model built (a model process stays under 600 MB); else exported now and written there. A cached file
+    that fails to load or does not match is refused (logged, with the reason) and replaced; a cache that cannot be
+    written leaves the model in memory only."""
+    content = content_sha256(weights)
     path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{weights.arch}-{content[:32]}.onnx"
     if path.is_file():
         try:
@@ -154,7 +154,7 @@ def onnxruntime_backend(weights: Weights, model: ImageClassifier, *, device: tor
         except Exception as e:  # onnxruntime raises its own types for a truncated or corrupt file
             log.warning("refusing the cached ONNX model: %s: %s; exporting it again", path,
                         f"{type(e).__name__}: {e}".splitlines()[0])
-    data, _ = export_onnx(weights, model)
+    data, _ = export_onnx(weights)
     try:
         write_atomically(path, data)
         source: bytes | Path = path

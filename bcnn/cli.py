@@ -95,23 +95,32 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from bcnn import export
     from bcnn.backends import open_session
     from bcnn.data import IMAGE_SUFFIXES
-    from bcnn.export import export_onnx, verify, write_atomically
     from bcnn.models import build_model, prepare_for_inference
     from bcnn.preprocess import preprocess_image
     from bcnn.weights import get_weights
 
     weights = get_weights(args.checkpoint, classes_file=args.classes)
     model = prepare_for_inference(build_model(weights))
-    data, _ = export_onnx(weights, model)
-    out = write_atomically(args.out, data)
-    print(f"wrote {out}: {len(data) / 1e6:.1f} MB, {weights.name} {weights.version}, uint8 [N, 3, "
-          f"{weights.preprocess.crop_size}, {weights.preprocess.crop_size}] in, {len(weights.categories)} logits out")
+    if args.format == "onnx":
+        data, _ = export.export_onnx(weights, model)
+        out = export.write_atomically(args.out, data)
+        runtime, forward = "ONNX Runtime", lambda: export.onnxruntime_forward(open_session(data))
+    else:
+        data, meta = export.export_pte(weights, model)
+        out = export.write_atomically(args.out, data)
+        export.write_atomically(f"{out}.json", (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
+        runtime, forward = "ExecuTorch (XNNPACK)", lambda: export.executorch_forward(out)
+    side = weights.preprocess.crop_size
+    beside = f"; its metadata in {out}.json" if args.format == "pte" else ""
+    print(f"wrote {out}: {len(data) / 1e6:.1f} MB, {weights.name} {weights.version}, uint8 [N, 3, {side}, {side}] "
+          f"in, {len(weights.categories)} logits out{beside}")
     paths = [p for name in args.verify for p in (sorted(Path(name).rglob("*")) if Path(name).is_dir() else [Path(name)])
              if p.suffix.lower() in IMAGE_SUFFIXES]
     if not paths:
-        print("not verified: pass --verify with photos (files or folders) to check ONNX Runtime against PyTorch")
+        print(f"not verified: pass --verify with photos (files or folders) to check {runtime} against PyTorch")
         return 0
     images = []
     for path in paths:
@@ -119,8 +128,8 @@ def _export(args: argparse.Namespace) -> int:
             images.append(preprocess_image(path.read_bytes(), weights.preprocess))
         except ImageError as e:
             print(f"{path}: skipped: {e}", file=sys.stderr)
-    result = verify(model, open_session(data), images)
-    print(f"ONNX Runtime against PyTorch on {len(images)} photos: {result}")
+    result = export.verify(model, forward(), images)
+    print(f"{runtime} against PyTorch on {len(images)} photos: {result}")
     return 0 if result.passed else 1
 
 
@@ -198,10 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=_convert)
 
-    p = sub.add_parser("export", help="write the model as an ONNX file for ONNX Runtime (phones, edge devices, "
-                                      "other languages) and check it against PyTorch")
+    p = sub.add_parser("export", help="write the model for ONNX Runtime or ExecuTorch (phones, edge devices, other "
+                                      "languages) and check it against PyTorch")
     model_options(p)
-    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--format", choices=("onnx", "pte"), default="onnx",
+                   help="pte: an ExecuTorch program for XNNPACK (needs the mobile extra), metadata beside it as JSON")
     p.add_argument("--out", required=True)
     p.add_argument("--verify", nargs="*", default=[], metavar="PHOTO",
                    help="photos or folders of photos: top-1 must match PyTorch on all, logits within tolerance")

@@ -1,4 +1,5 @@
-"""The model off PyTorch: an ONNX file that carries all a caller needs, and a check that it answers as PyTorch does.
+"""The model off PyTorch: an ONNX file (or an ExecuTorch program) that carries all a caller needs, and a check that
+it answers as PyTorch does.
 
 The file takes what the model takes: uint8 images [N, 3, S, S] (any N), normalisation inside, logits out. Its
 metadata holds the rest: input size and resize rule, mean/std (informative: already applied inside), the class
@@ -15,9 +16,10 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,13 +47,17 @@ class OnnxModelError(ValueError):
         self.problem = problem
 
 
-def content_sha256(model: ImageClassifier, weights: Weights) -> str:
-    """What an exported file depends on: the tensors, the architecture and preprocessing, the exporter."""
-    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, torch.__version__, weights.arch,
-                                        weights.preprocess.to_dict()]).encode())
-    for name, tensor in model.state_dict().items():
+def content_sha256(weights: Weights) -> str:
+    """What an exported file depends on: the weights' tensors (their `fingerprint` where they have one), classes,
+    architecture and preprocessing, the exporter. Builds no model, so a cached export is found without one."""
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, torch.__version__, weights.arch, weights.preprocess.to_dict(),
+                                        weights.categories, weights.answer_indices]).encode())
+    if weights.fingerprint is not None:
+        digest.update(weights.fingerprint().encode())
+        return digest.hexdigest()
+    for name, tensor in sorted(weights.load().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().numpy().data)  # the buffer itself, not a copy
     return digest.hexdigest()
 
 
@@ -81,19 +87,50 @@ def export_onnx(weights: Weights, model: ImageClassifier | None = None) -> tuple
     import onnx
 
     model = model if model is not None else prepare_for_inference(build_model(weights))
-    content = content_sha256(model, weights)
-    side = weights.preprocess.crop_size
-    example = torch.zeros(2, 3, side, side, dtype=torch.uint8)
-    # The exporter prints its progress, logs its passes and warns about its own internals; a library keeps quiet.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet("onnx_ir", "onnxscript",
-                                                                                        "torch.onnx", "torch.export"):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, optimize=True,
+    content = content_sha256(weights)
+    with _exporting():
+        program = torch.onnx.export(model, (_example(weights),), dynamo=True, verbose=False, optimize=True,
                                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata(weights, content))
     return proto.SerializeToString(), content
+
+
+PTE_MAX_BATCH = 64
+"""ExecuTorch plans its memory for the largest batch; a phone classifies one photo at a time."""
+
+
+def export_pte(weights: Weights, model: ImageClassifier | None = None) -> tuple[bytes, dict[str, str]]:
+    """An ExecuTorch program (`.pte`) of `weights` with the model's convolutions delegated to XNNPACK, and the
+    metadata an app needs (`metadata`; a `.pte` has no place of its own for it). Needs the `mobile` extra."""
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+    except ImportError as e:
+        raise RuntimeError("ExecuTorch is not installed: pip install -e '.[mobile]'") from e
+
+    model = model if model is not None else prepare_for_inference(build_model(weights))
+    with _exporting():
+        program = torch.export.export(model, (_example(weights),), dynamic_shapes={
+            "x": {0: torch.export.Dim("batch", min=1, max=PTE_MAX_BATCH)}})
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    return lowered.buffer, metadata(weights, content_sha256(weights))
+
+
+def _example(weights: Weights) -> torch.Tensor:
+    side = weights.preprocess.crop_size
+    return torch.zeros(2, 3, side, side, dtype=torch.uint8)  # 2, not 1: a batch of 1 would be traced as a constant
+
+
+@contextlib.contextmanager
+def _exporting() -> Iterator[None]:
+    """The exporters print their progress, log their passes and warn about their own internals; a library keeps
+    quiet."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet(
+            "onnx_ir", "onnxscript", "torch.onnx", "torch.export", "executorch", "torchao"):
+        warnings.simplefilter("ignore")
+        yield
 
 
 @contextlib.contextmanager
@@ -140,16 +177,28 @@ class Verification:
                 f"{self.max_abs_logit:.3g} (tolerance {self.tolerance:g})")
 
 
-def verify(reference: ImageClassifier, session: object, images: Sequence[torch.Tensor],
+def verify(reference: ImageClassifier, forward: Callable[[torch.Tensor], Any], images: Sequence[torch.Tensor],
            batch_size: int = 8) -> Verification:
-    """ONNX Runtime (`session`) against the PyTorch model on uint8 CHW images of the model's input size."""
+    """An exported model (`forward`: a uint8 batch in, logits out, as a tensor or an array) against the PyTorch
+    model it came from, on uint8 CHW images of the model's input size."""
     top1_equal, largest, scale = 0, 0.0, 0.0
     for start in range(0, len(images), batch_size):
         batch = torch.stack(list(images[start:start + batch_size]))
         with torch.inference_mode():
             expected = reference(batch).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]  # type: ignore[attr-defined]
+        got = np.asarray(forward(batch))
         top1_equal += int((expected.argmax(1) == got.argmax(1)).sum())
         largest = max(largest, float(np.abs(expected - got).max()))
         scale = max(scale, float(np.abs(expected).max()))
     return Verification(len(images), top1_equal, largest, scale)
+
+
+def onnxruntime_forward(session: Any) -> Callable[[torch.Tensor], np.ndarray]:
+    return lambda batch: session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+
+
+def executorch_forward(path: str | os.PathLike[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    return lambda batch: method.execute([batch])[0]

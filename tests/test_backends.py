@@ -17,7 +17,6 @@ from bcnn.backends import check_session, open_session, resolve
 from bcnn.checkpoint import save_checkpoint
 from bcnn.cli import main as bcnn_cli
 from bcnn.export import OnnxModelError, content_sha256
-from bcnn.models import build_model, prepare_for_inference
 from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
 from bcnn.train import TrainConfig, build_for_training
@@ -68,6 +67,24 @@ def test_export_checks_itself_on_real_photos_and_the_file_carries_what_an_app_ne
     assert batch.shape == (3, 3, side, side) and batch.dtype == np.uint8
     logits = session.run(None, {"images": batch})[0]
     assert logits.shape == (3, len(weights.categories)) and logits.dtype == np.float32
+
+
+@pytest.mark.slow
+def test_an_executorch_program_for_phones_checks_itself_the_same_way(
+        tmp_path: Path, photos: list[Photo], capsys: pytest.CaptureFixture[str]) -> None:
+    from executorch.runtime import Runtime
+
+    out, sample = tmp_path / "waterbirds.pte", [str(p.path) for p in photos[::10]]
+    assert bcnn_cli(["export", "--format", "pte", "--out", str(out), "--verify", *sample]) == 0
+    printed = capsys.readouterr().out
+    assert f"ExecuTorch (XNNPACK) against PyTorch on {len(sample)} photos: passed" in printed, printed
+    meta = json.loads(Path(f"{out}.json").read_text())
+    weights = get_weights("default")
+    assert json.loads(meta["categories"]) == list(weights.categories) and meta["name"] == weights.name
+
+    method = Runtime.get().load_program(out).load_method("forward")
+    batch = torch.stack([preprocess_image(Path(p).read_bytes(), weights.preprocess) for p in sample[:3]])
+    assert tuple(method.execute([batch])[0].shape) == (3, 1000)
 
 
 def test_the_exported_graph_is_float32_throughout(tmp_path: Path) -> None:
@@ -142,7 +159,7 @@ def test_a_cached_file_from_other_weights_is_refused(default_cache: Path, tmp_pa
             prop.value = "0" * 64
     onnx.save(model, str(path))
 
-    content = content_sha256(prepare_for_inference(build_model(weights)), weights)
+    content = content_sha256(weights)
     with pytest.raises(OnnxModelError, match="exported from other weights") as refused:
         check_session(open_session(path), path, content=content, weights=weights)
     assert str(path) in str(refused.value) and content in str(refused.value)
