@@ -122,7 +122,7 @@ def _backends_in_process(uploads: list[Upload], seconds: float, rounds: int = 2)
 def _backend_ratio(runs: dict[str, list[float]], chosen: str) -> dict[str, Any]:
     ratios = [round(a / t, 3) for t, a in zip(runs["torch"], runs["auto"], strict=True)]
     return {"auto_chose": chosen, "torch": runs["torch"], "auto": runs["auto"], "ratios": ratios,
-            "median_ratio": statistics.median(ratios)}
+            "median_ratio": round(statistics.median(ratios), 3)}
 
 
 def _backends_through_service(url: str, uploads: list[Upload], config: dict[str, Any], env: dict[str, str],
