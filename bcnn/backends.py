@@ -139,7 +139,7 @@ def check_session(session: object, path: str | os.PathLike[str], *, content: str
 def onnxruntime_backend(weights: Weights, *, device: torch.device, threads: int = 1,
                         cache_dir: str | os.PathLike[str] | None = None) -> OnnxRuntimeBackend:
     """From the cache (`<cache>/onnx/<content>.onnx`) when a file there was exported from these tensors, with no
-    torch model built (a model process stays under 600 MB); else exported now and written there. A cached file
+    torch model built (less memory, a faster load); else exported now and written there. A cached file
     that fails to load or does not match is refused (logged, with the reason) and replaced; a cache that cannot be
     written leaves the model in memory only."""
     content = content_sha256(weights)
