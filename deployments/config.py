@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from bcnn.backends import BackendName
 from bcnn.predict import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.preprocess import DEFAULT_MAX_PIXELS
 
@@ -25,10 +24,10 @@ class ClassifierConfig(_Strict):
     # On a CPU core 1-4 images per pass cost about the same per image (README, "Results"); a GPU takes 32 or more.
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
     batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
-    # ONNX Runtime ran the embedded default 1.8-2x as fast as torch on the development CPU, a VGG16-BCNN at 448
-    # 1.07x (README, "Backends"); on CUDA `auto` keeps torch.
-    backend: Literal["auto", "torch", "onnxruntime"] = Field("auto", description="where the forward pass runs: "
-                                                             "auto is ONNX Runtime on the CPU, torch on CUDA")
+    # ONNX Runtime ran the embedded default 1.7-2.2x as fast as torch on the development CPU, a VGG16-BCNN at 448
+    # 1.04-1.12x (README, "Results"); on CUDA `auto` keeps torch.
+    backend: BackendName = Field("auto", description="where the forward pass runs: auto is ONNX Runtime on the CPU, "
+                                 "torch on CUDA")
     threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")
     skip_forward: bool = Field(False, description="bench only: answer without running the model")
 
