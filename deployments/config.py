@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bcnn.backends import BackendName
 from bcnn.predict import DEFAULT_WATERBIRD_THRESHOLD
@@ -37,13 +37,23 @@ class IngressConfig(_Strict):
     # Uploads in flight are gathered into one call per stage: Serve's cost per call is paid once per batch.
     max_batch_size: int = Field(8, ge=1, le=256, description="uploads per call to the Preprocessor and Classifier")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="wait for a batch to fill")
-    max_pending: int = Field(64, ge=1, description="uploads held at once; beyond it 503 before reading the body")
+    # Admission by time (serve_app.admission): the budget holds on any machine; the count only bounds memory.
+    max_queue_wait_s: float = Field(10.0, gt=0, description="admit an upload only if those held can be answered "
+                                    "within this, at the rate this replica answers now; else 503 before its body")
+    max_pending: int = Field(1024, ge=1, description="uploads held at once at most, whatever the wait (memory)")
     max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 when queues are full")
+    retry_after_s: int = Field(1, ge=0, description="least Retry-After sent with a 503; it is the expected wait")
     # Through Ray's object store the pixels skip the ingress and the Classifier maps them instead of receiving
     # them: less CPU per request where a GPU node is capped, a few ms more latency per request on a small CPU
     # (README, "Messages between stages").
     pixels_by_reference: bool = Field(True, description="pixels go Preprocessor -> Classifier through the object "
                                       "store; false: in gRPC messages through the ingress")
+
+    @model_validator(mode="after")
+    def _wait_within_timeout(self) -> IngressConfig:
+        if self.max_queue_wait_s >= self.request_timeout_s:
+            raise ValueError("max_queue_wait_s must be shorter than request_timeout_s: an upload admitted to wait "
+                             "that long would time out")
+        return self

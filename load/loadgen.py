@@ -90,8 +90,9 @@ def load_uploads(folder: str | Path, *, limit: int | None = None, raw_every: int
 
 async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: float | None = None,
                    requests_per_user: int | None = None, timeout_s: float = 60.0, field_name: str = "file",
-                   stop: asyncio.Event | None = None) -> LoadResult:
-    """Run until `seconds` pass, each user has sent `requests_per_user`, or `stop` is set."""
+                   stop: asyncio.Event | None = None, honour_retry_after: bool = True) -> LoadResult:
+    """Run until `seconds` pass, each user has sent `requests_per_user`, or `stop` is set. With
+    `honour_retry_after` false, a refused user sends again at once, as retry loops and impatient apps do."""
     if seconds is None and requests_per_user is None and stop is None:
         raise ValueError("give seconds, requests_per_user or stop")
     result = LoadResult(users=users, seconds=0.0)
@@ -114,7 +115,7 @@ async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: floa
                         await response.read()
                         result.outcomes.append(Outcome(response.status, time.perf_counter() - t0))
                         retry_after = response.headers.get("Retry-After", "")
-                    if response.status == 503 and retry_after.isdigit():
+                    if honour_retry_after and response.status == 503 and retry_after.isdigit():
                         await asyncio.sleep(min(int(retry_after), 5))  # as a well-behaved client would
                 except (aiohttp.ClientError, TimeoutError) as e:
                     result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))

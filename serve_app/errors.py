@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from bcnn.preprocess import EmptyImage, ImageError, ImageTooLarge, InvalidImage, UnsupportedFormat
+from serve_app.admission import Overloaded
 
 
 class ApiError(Exception):
@@ -16,13 +17,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-class Overloaded(Exception):
-    """The ingress already holds as many uploads as it admits."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"{limit} uploads are already in progress")
 
 
 IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
@@ -43,12 +37,18 @@ def to_api_error(exc: BaseException, *, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, ImageError):
         status = next((s for t, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, t)), 400)
         return ApiError(status, exc.code, _message(exc))
-    if isinstance(exc, BackPressureError | Overloaded):
-        return ApiError(503, "overloaded", "The service is at capacity; try again shortly.",
-                        {"Retry-After": str(retry_after_s)})
+    if isinstance(exc, Overloaded):
+        return overloaded(exc.retry_after_s)
+    if isinstance(exc, BackPressureError):
+        return overloaded(retry_after_s)
     if isinstance(exc, TimeoutError):
         return ApiError(504, "timeout", "The request took too long and was abandoned; try again.")
     return ApiError(500, "internal_error", "Something went wrong on our side; the request id identifies it.")
+
+
+def overloaded(retry_after_s: int) -> ApiError:
+    return ApiError(503, "overloaded", f"The service is at capacity; try again in {retry_after_s} s.",
+                    {"Retry-After": str(retry_after_s)})
 
 
 def _message(exc: BaseException) -> str:

@@ -4,7 +4,6 @@ ingress deployment (`serve_app.ingress`), seen here only through the `Pipeline` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -23,7 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from deployments.config import IngressConfig
 from deployments.messages import Classified, ModelCard
 from deployments.metrics import IngressMetrics
-from serve_app.errors import ApiError, error_response, handle_http_exception, handle_unexpected, to_api_error
+from serve_app.admission import Admission, Overloaded
+from serve_app.errors import (
+    ApiError,
+    error_response,
+    handle_http_exception,
+    handle_unexpected,
+    overloaded,
+    to_api_error,
+)
 from serve_app.openapi import OPENAPI
 
 log = logging.getLogger("ray.serve")
@@ -31,10 +38,9 @@ log = logging.getLogger("ray.serve")
 
 class Pipeline(Protocol):
     config: IngressConfig
+    admission: Admission
 
-    def admission(self) -> contextlib.AbstractContextManager[None]: ...
-
-    async def classify(self, data: bytes, top_k: int, request_id: str) -> Classified: ...
+    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified: ...
 
     async def model_card(self, *, refresh: bool = False) -> ModelCard: ...
 
@@ -145,6 +151,66 @@ def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
     return wrapper
 
 
+def admitted(app: ASGIApp, admission: Admission) -> ASGIApp:
+    """Admission of uploads, outside everything else: a refusal is answered from here with a body made once, before
+    the upload is read and without Starlette's routing, so that refusing costs little even when thousands of
+    clients retry at once. Refusals are logged once a second in one line, not one line each."""
+    refusals = RefusalLog()
+
+    async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/classify" or scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        try:
+            admission.admit()
+        except Overloaded as e:
+            refusals.refused(e, admission)
+            await _send_refusal(send, e.retry_after_s)
+            return
+        answered = False
+        try:
+            await app(scope, receive, send)
+            answered = True
+        finally:
+            admission.release(answered=answered)
+
+    return wrapper
+
+
+_REFUSAL_BODIES: dict[int, bytes] = {}
+
+
+async def _send_refusal(send: Send, retry_after_s: int) -> None:
+    body = _REFUSAL_BODIES.get(retry_after_s)
+    if body is None:
+        error = overloaded(retry_after_s)
+        body = _REFUSAL_BODIES[retry_after_s] = json.dumps({"error": {"code": error.code, "message": error.message}},
+                                                             separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", str(retry_after_s).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RefusalLog:
+    """One line a second at most, saying how many uploads were refused and why, instead of a line per refusal."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.count = 0
+        self.since = time.monotonic()
+
+    def refused(self, error: Overloaded, admission: Admission) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.since >= self.interval_s:
+            log.info("refused %d uploads in %.1f s (%s; %d held, Retry-After %d s)", self.count, now - self.since,
+                     error, admission.held, error.retry_after_s,
+                     extra={"access": {"route": "/classify", "status": 503, "error_code": "overloaded",
+                                       "refused": self.count}})
+            self.count, self.since = 0, now
+
+
 def access_log(request_id: str, status: int, total_ms: float, result: Classified | None, code: str = "") -> None:
     """One structured line per /classify request (JSON through Serve's logging; never image bytes)."""
     fields: dict[str, object] = {"route": "/classify", "status": status, "latency_ms": round(total_ms, 2)}
@@ -168,13 +234,13 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
     async def classify(request: Request) -> Response:
         start = time.perf_counter()
         config = pipeline.config
+        deadline = time.monotonic() + config.request_timeout_s
         request_id = request.headers.get("x-request-id", "")
         try:
             top_k = _top_k(request, config.default_top_k)
-            with pipeline.admission():
-                async with asyncio.timeout(config.request_timeout_s):
-                    data = await read_upload(request, config)
-                    result = await pipeline.classify(data, top_k, request_id)
+            async with asyncio.timeout(config.request_timeout_s):
+                data = await read_upload(request, config)
+                result = await pipeline.classify(data, top_k, request_id, deadline)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
             error = to_api_error(e, retry_after_s=config.retry_after_s)
             if error.status >= 500 and error.status != 503:
@@ -214,4 +280,5 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         ],
         exception_handlers={HTTPException: handle_http_exception, Exception: handle_unexpected},
     )
-    return observed(app, metrics) if metrics is not None else app
+    guarded = admitted(app, pipeline.admission)
+    return observed(guarded, metrics) if metrics is not None else guarded

@@ -7,10 +7,9 @@ the ingress makes each request's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,7 @@ from bcnn.preprocess import ImageError
 from deployments.config import IngressConfig
 from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, ScoredBatch
 from deployments.metrics import IngressMetrics
-from serve_app.errors import Overloaded
+from serve_app.admission import Admission, Limits, Overloaded
 from serve_app.http import build_http_app
 
 log = logging.getLogger("ray.serve")
@@ -34,6 +33,8 @@ _REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
 # Batches of uploads in flight from one ingress replica at once: enough to keep a Preprocessor and several
 # Classifiers busy at the same time. More ingress replicas give more.
 CONCURRENT_BATCHES = 4
+# An upload is sent on only if its deadline leaves this many times the recent time a batch took.
+DEADLINE_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class _Upload:
     data: bytes
     top_k: int
     request_id: str
+    deadline: float = float("inf")  # time.monotonic() by which it must be answered
 
 
 @serve.deployment(name="Ingress", user_config={}, ray_actor_options={"num_cpus": 0.5})
@@ -56,26 +58,16 @@ class Ingress:
         self._stages = {True: (preprocessor.options(_by_reference=True), classifier.options(_by_reference=True)),
                         False: (preprocessor, classifier)}
         self.config = IngressConfig()
+        self.admission = Admission(admission_limits(self.config))
         self._card: ModelCard | None = None
         self._card_lock = asyncio.Lock()
-        self._admitted = 0
+        self._batch_s = 0.0  # recent time from a batch's dispatch to its answers, smoothed
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig(**user_config)
+        self.admission.limits = admission_limits(self.config)
         self._pipeline.set_max_batch_size(self.config.max_batch_size)
         self._pipeline.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
-
-    @contextlib.contextmanager
-    def admission(self) -> Iterator[None]:
-        """Holds one of the `max_pending` places from before the upload is read until it is answered; with all
-        taken, the request is refused at once, before its body costs anything."""
-        if self._admitted >= self.config.max_pending:
-            raise Overloaded(self.config.max_pending)
-        self._admitted += 1
-        try:
-            yield
-        finally:
-            self._admitted -= 1
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_http_app(self, IngressMetrics())
@@ -89,8 +81,8 @@ class Ingress:
                 self._card = await self.classifier.card.remote()
             return self._card
 
-    async def classify(self, data: bytes, top_k: int, request_id: str) -> Classified:
-        upload = _Upload(data, top_k, request_id)
+    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified:
+        upload = _Upload(data, top_k, request_id, deadline)
         try:
             outcome = await self._pipeline(upload)
         except Exception as e:
@@ -100,17 +92,32 @@ class Ingress:
             # Serve routes around the dead replica.
             log.warning("replica lost (%s); retrying once", type(e).__name__)
             outcome = await self._pipeline(upload)
-        if isinstance(outcome, ImageError):
+        if isinstance(outcome, ImageError | Overloaded):
             raise outcome
         await self.model_card(seen_version=outcome.model_version)  # refreshes the cached card after a swap
         return outcome
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
-    async def _pipeline(self, uploads: list[_Upload]) -> list[Outcome]:
+    async def _pipeline(self, uploads: list[_Upload]) -> list[Outcome | Overloaded]:
+        # An upload that waited so long it would be answered after its deadline is refused before it costs a
+        # decode or a forward pass: admission by time makes this rare, and it keeps a 504 from ever being the
+        # answer to a wait.
+        now = time.monotonic()
+        late = [u.deadline - now < DEADLINE_MARGIN * self._batch_s for u in uploads]
+        if any(late):
+            log.warning("%d uploads would miss their deadline; refused before decoding", sum(late))
+        live = [u for u, too_late in zip(uploads, late, strict=True) if not too_late]
+        answers = iter(await self._answer(live) if live else [])
+        retry_after = self.admission.retry_after_s()
+        return [Overloaded("its deadline would pass", retry_after) if too_late else next(answers) for too_late in late]
+
+    async def _answer(self, uploads: list[_Upload]) -> list[Outcome]:
+        start = time.monotonic()
         card = await self.model_card()
         side = card.preprocess.crop_size
         parts = split_by_bytes(uploads, pixel_bytes=3 * side * side, budget=CALL_BUDGET_BYTES)
         outcomes = await asyncio.gather(*(self._prepare_and_classify(part, card) for part in parts))
+        self._batch_s += 0.2 * (time.monotonic() - start - self._batch_s)
         return list(itertools.chain.from_iterable(outcomes))
 
     async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard) -> list[Outcome]:
@@ -153,6 +160,12 @@ class Ingress:
         return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
                        "starting": d.replica_states.get("STARTING", 0)}
                 for name, d in app.deployments.items()}
+
+
+def admission_limits(config: IngressConfig) -> Limits:
+    # Below `floor` uploads held the pipeline is not yet full, and the wait is no more than one batch's.
+    return Limits(max_wait_s=config.max_queue_wait_s, max_pending=config.max_pending,
+                  floor=config.max_batch_size * CONCURRENT_BATCHES, min_retry_after_s=config.retry_after_s)
 
 
 def replica_lost(error: BaseException) -> bool:

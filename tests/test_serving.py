@@ -215,7 +215,7 @@ def test_full_ingress_answers_503_with_retry_after_before_reading_the_body(servi
         assert set(result.statuses) <= {200, 503}, result.summary()
         assert result.statuses[503] > 0 and result.statuses[200] > 0
         overloaded = asyncio.run(_first_503(service, uploads))
-        assert overloaded.headers["retry-after"] == "1"
+        assert int(overloaded.headers["retry-after"]) >= 1  # the wait the ones held should take, at least 1 s
         assert overloaded.json()["error"]["code"] == "overloaded"
     finally:
         service.deploy(load_config())

@@ -1,0 +1,82 @@
+"""Admission by time, on a clock the test moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app.admission import MIN_SAMPLES, Admission, Limits, Overloaded
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _answer_at(admission: Admission, clock: Clock, *, per_s: float, count: int) -> None:
+    """`count` uploads admitted and answered one after another at `per_s`."""
+    for _ in range(count):
+        admission.admit()
+        clock.now += 1 / per_s
+        admission.release()
+
+
+def test_below_the_floor_and_before_any_measurement_uploads_are_admitted() -> None:
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=1.0, max_pending=100, floor=4), clock)
+    for _ in range(100):
+        admission.admit()
+    assert admission.held == 100 and admission.rate() is None
+    with pytest.raises(Overloaded, match="100 uploads"):
+        admission.admit()
+
+
+def test_admits_what_can_be_answered_within_the_budget_at_the_measured_rate() -> None:
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=2.0, max_pending=1000, floor=4), clock)
+    _answer_at(admission, clock, per_s=50, count=MIN_SAMPLES * 2)
+    assert admission.rate() == pytest.approx(50)
+    admitted = 0
+    with pytest.raises(Overloaded) as refused:
+        while True:
+            admission.admit()
+            admitted += 1
+    assert admitted == 100  # the 100th waits (99 + 1) / 50 = 2 s; the next would wait longer
+    assert refused.value.retry_after_s == 2  # the wait it would have had
+    for _ in range(10):
+        admission.release()
+    admission.admit()  # answers free places
+
+
+def test_a_quiet_spell_does_not_lower_the_rate() -> None:
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=1.0, max_pending=1000, floor=1), clock)
+    _answer_at(admission, clock, per_s=100, count=MIN_SAMPLES)
+    clock.now += 3600  # nothing held for an hour
+    _answer_at(admission, clock, per_s=100, count=MIN_SAMPLES)
+    assert admission.rate() == pytest.approx(100)
+
+
+def test_a_slower_model_shrinks_what_is_admitted() -> None:
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=1.0, max_pending=1000, floor=1), clock)
+    _answer_at(admission, clock, per_s=100, count=200)
+    _answer_at(admission, clock, per_s=10, count=200)
+    assert admission.rate() == pytest.approx(10)
+    for _ in range(9):
+        admission.admit()
+    with pytest.raises(Overloaded):
+        admission.admit()
+
+
+def test_retry_after_is_at_least_the_configured_one() -> None:
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=0.1, max_pending=1000, floor=1, min_retry_after_s=3), clock)
+    _answer_at(admission, clock, per_s=1000, count=MIN_SAMPLES)
+    admission.admit()
+    with pytest.raises(Overloaded) as refused:
+        for _ in range(1000):
+            admission.admit()
+    assert refused.value.retry_after_s == 3
