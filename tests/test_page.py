@@ -102,3 +102,31 @@ def test_dashboard_serve_page_shows_the_application(browser, service: Service) -
         page.screenshot(path=str(OUTPUT / "dashboard-serve.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_a_busy_service_is_waited_for_and_retried(page, service: Service, mapped_photos: list[Photo]) -> None:  # noqa: ANN001
+    """The first upload is answered with the service's own overload refusal (503, Retry-After: 2); the page says
+    it will try again, waits, and the retry reaches the real service."""
+    import json
+
+    from serve_app.errors import overloaded
+
+    refusal = overloaded(2)
+    body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}})
+    sent: list[str] = []
+
+    def first_refused(route) -> None:  # noqa: ANN001
+        sent.append(route.request.url)
+        if len(sent) == 1:
+            route.fulfill(status=503, headers=refusal.headers, content_type="application/json", body=body)
+        else:
+            route.continue_()
+
+    page.route("**/classify*", first_refused)
+    photo = mapped_photos[0]
+    page.get_by_label("Drop a photo here or choose one").set_input_files(str(photo.path))
+    page.wait_for_function("document.querySelector('#busy').textContent.includes('again in 2 s')", timeout=10_000)
+    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+    assert len(sent) == 2
+    assert page.locator("#species").inner_text() == photo.imagenet_label
+    assert page.get_by_role("alert").is_hidden()
