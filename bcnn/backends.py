@@ -1,8 +1,8 @@
 """Where the forward pass runs: PyTorch, or ONNX Runtime on a file exported once per model and cached by content.
 
 Both take uint8 images [N, 3, H, W] and return float32 logits [N, C] on the CPU. `auto` is ONNX Runtime on the
-CPU, where `python -m bcnn bench` measured it faster for every model and batch size we serve (README, "Backends"),
-and PyTorch on CUDA (half precision, float32 head) until a GPU run shows otherwise.
+CPU, where `python -m bcnn bench` measured it faster for every model and batch size we serve (docs/model.md,
+"Backends"), and PyTorch on CUDA (half precision, float32 head) until a GPU run shows otherwise.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ DEFAULT = "waterbirds-imagenet"
 DEFAULT_WATERBIRD_THRESHOLD = 0.2
 """Probability mass the full softmax must put on the answer classes to call a photo a waterbird.
 
-Measured with the embedded default (README, "Choosing the waterbird threshold"): 20 non-bird photos (a cat,
+Measured with the embedded default (docs/model.md, "Choosing the waterbird threshold"): 20 non-bird photos (a cat,
 people, a rocket, coffee, textures...) put at most 0.026 on the waterbird classes; 78% of the 243 shared
 waterbird photos put at least 0.2 there (the rest are species ImageNet does not have, such as gulls and grebes).
 0.2 keeps an eightfold margin above everything that is not a bird.

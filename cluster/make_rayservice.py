@@ -22,7 +22,7 @@ ENV = [
     {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "waterbirds-ray-token", "key": "token"}}},
     # Ray's high-throughput settings, on every pod: gRPC between replicas, and HAProxy (C, bundled with ray[serve]
     # on Linux) in front of the ingress replicas on port 8000 instead of Serve's Python proxy, which capped a
-    # node at about 120 requests/s (README, "Serving cost per request").
+    # node at about 120 requests/s (docs/performance.md, "Serving cost per request").
     {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
     {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
 ]

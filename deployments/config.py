@@ -21,11 +21,12 @@ class ClassifierConfig(_Strict):
     checkpoint: str = Field("default", description="'default' (embedded Lite0), a registry name, or a file path")
     classes_file: str | None = Field(None, description="class list for a 2019 service checkpoint")
     waterbird_threshold: float = Field(DEFAULT_WATERBIRD_THRESHOLD, ge=0.0, le=1.0)
-    # On a CPU core 1-4 images per pass cost about the same per image (README, "Results"); a GPU takes 32 or more.
+    # On a CPU core 1-4 images per pass cost about the same per image (docs/performance.md, "Results"); a GPU
+    # takes 32 or more.
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
     batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
     # ONNX Runtime ran the embedded default 1.7-2.2x as fast as torch on the development CPU, a VGG16-BCNN at 448
-    # 1.04-1.12x (README, "Results"); on CUDA `auto` keeps torch.
+    # 1.04-1.12x (docs/performance.md, "Results"); on CUDA `auto` keeps torch.
     backend: BackendName = Field("auto", description="where the forward pass runs: auto is ONNX Runtime on the CPU, "
                                  "torch on CUDA")
     threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")
@@ -47,7 +48,7 @@ class IngressConfig(_Strict):
     retry_after_s: int = Field(1, ge=0, description="least Retry-After sent with a 503; it is the expected wait")
     # Through Ray's object store the pixels skip the ingress and the Classifier maps them instead of receiving
     # them: less CPU per request where a GPU node is capped, a few ms more latency per request on a small CPU
-    # (README, "Messages between stages").
+    # (docs/serving.md, "Messages between stages").
     pixels_by_reference: bool = Field(True, description="pixels go Preprocessor -> Classifier through the object "
                                       "store; false: in gRPC messages through the ingress")
 

@@ -6,7 +6,7 @@ the ingress hands on only a reference (a third less CPU per request in the one C
 gRPC messages through the ingress (lower latency on a small CPU). gRPC messages are limited to 4 MiB unless
 `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH` says otherwise: one phone photo or seven 448x448 images went over it.
 Both serve configs raise it to gRPC's largest in the application's `runtime_env`, and the ingress keeps each call
-under `CALL_BUDGET_BYTES` whichever way it goes (README, "Messages between stages").
+under `CALL_BUDGET_BYTES` whichever way it goes (docs/serving.md, "Messages between stages").
 
 Pixels travel as numpy arrays, channels last, as decoders and resizers write them and as a GPU model reads them
 (channels_last): Ray pickles a torch tensor through torch's own serializer, several times slower than an array.

@@ -8,8 +8,10 @@
 5. the serving cost: CPU per answered request per process role of the production file (VGG16-BCNN 448, forward
    pass skipped) with HAProxy and with Serve's proxy, the 2019 design beside it, and what that means for a GPU node
    (`load.serving_cost`);
+6. overload: retry storms of 400 and 1,000 users that ignore Retry-After, after 16 calm users, on the local profile
+   and on the production file (VGG16-BCNN 448, forward skipped, replicas fixed) (`load.overload`);
 
-then writes `load/results/<date>.json`, a plot beside it, and the results table into README.md.
+then writes `load/results/<date>.json`, a plot beside it, and the results tables into docs/performance.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import httpx
 import yaml
 
-from load import serving_cost
+from load import overload, serving_cost
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
@@ -42,8 +44,9 @@ RESULTS = ROOT / "load" / "results"
 PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
 USERS = (1, 8, 64, 400)
 SEED_PORT = 8001
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 COST_MARKERS = ("<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
+OVERLOAD_MARKERS = ("<!-- bench-overload:start -->", "<!-- bench-overload:end -->")
 
 
 def _env() -> dict[str, str]:
@@ -241,6 +244,8 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
     print("in-process limit (after):", flush=True)
     after = _in_process(uploads, seconds / 2)
     cost = serving_cost.run(uploads, node=node, seed_workers=workers)
+    print("overload: retry storms of 400 and 1,000 users, local profile, then the production file:", flush=True)
+    storms = [overload.run(uploads, profile="local"), overload.run(uploads, profile="production", fixed_replicas=True)]
     limit = (before["best"]["images_per_s"] + after["best"]["images_per_s"]) / 2
     single_ms = (before["single"]["latency_ms_p50"] + after["single"]["latency_ms_p50"]) / 2
     ours, ceiling, overhead, paired = service["ours"], service["ceiling"], service["overhead"], service["paired"]
@@ -275,6 +280,7 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
         "seed_baseline": {"workers": workers, "results": seed},
         "ratios": ratios,
         "serving_cost": cost,
+        "overload": storms,
     }
 
 
@@ -377,15 +383,18 @@ def cost_section(report: dict[str, Any]) -> str:
             f"subtracted.\n\n{serving_cost.table(cost)}")
 
 
-def replace_readme_section(markers: tuple[str, str], text: str) -> None:
-    """Write `text` between the two markers in README.md (left alone where they are missing)."""
-    readme = ROOT / "README.md"
-    content = readme.read_text()
+PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"
+
+
+def replace_doc_section(markers: tuple[str, str], text: str, page: Path = PERFORMANCE_PAGE) -> None:
+    """Write `text` between the two markers in a documentation page (left alone where they are missing). Paths in
+    it are relative to the page's folder."""
+    content = page.read_text()
     start, end = markers
     if start in content and end in content:
         head, _, rest = content.partition(start)
         _, _, tail = rest.partition(end)
-        readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+        page.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     cost = cost_section(report)
     print("\n" + text + "\n\n" + cost)
     if not args.no_readme:
-        replace_readme_section((README_START, README_END), f"{text}\n\n![Benchmark](load/results/{stem}.png)")
-        replace_readme_section(COST_MARKERS, cost)
+        replace_doc_section((BENCH_START, BENCH_END), f"{text}\n\n![Benchmark](../load/results/{stem}.png)")
+        replace_doc_section(COST_MARKERS, cost)
+        replace_doc_section(OVERLOAD_MARKERS, overload.section(report["overload"], report["date"],
+                                                               report["machine"]["cpus"]))
     return 0
 
 

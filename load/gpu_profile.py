@@ -8,7 +8,7 @@
    then the replica counts for a while after the load stops (autoscaling back down);
 3. the 2019 design (`load/seed_baseline`, `gunicorn -w <cores>`) with the same models at the same points;
 
-then `load/results/gpu-<date>.json`, a plot beside it, and the GPU table in README.md. It needs no `make`:
+then `load/results/gpu-<date>.json`, a plot beside it, and the GPU table in docs/performance.md. It needs no `make`:
 `ray`, `serve` and `gunicorn` are found beside this Python, on PATH, or run as modules. On a machine without a
 GPU, `--logical-gpus 1` runs the same code path on the CPU (the suite does, in a short form).
 """
@@ -36,7 +36,7 @@ import httpx
 import yaml
 
 from bcnn.weights import get_weights
-from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, finish_plot, replace_readme_section
+from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, finish_plot, replace_doc_section
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import Upload, load_uploads, run_load
 from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
@@ -44,7 +44,7 @@ from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, 
 USERS = (1, 16, 64, 256, 1024)
 BATCH_SIZES = (1, 8, 32, 64, 128)
 DASHBOARD = "http://127.0.0.1:8265"
-README_MARKERS = ("<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->")
+DOC_MARKERS = ("<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->")
 
 
 class Sampler:
@@ -376,5 +376,5 @@ def main(argv: list[str] | None = None) -> int:
     text = table(report)
     print("\n" + text)
     if not args.no_readme:
-        replace_readme_section(README_MARKERS, f"{text}\n\n![GPU benchmark](load/results/{stem}.png)")
+        replace_doc_section(DOC_MARKERS, f"{text}\n\n![GPU benchmark](../load/results/{stem}.png)")
     return 0

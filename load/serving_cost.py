@@ -311,7 +311,8 @@ SEED_MEASURED_ON_H100_RPS = 793.0
 
 
 def table(report: dict[str, Any]) -> str:
-    """The README's serving-cost section: CPU ms per request by process role side by side, and the projections."""
+    """The serving-cost section of docs/performance.md: CPU ms per request by process role side by side, and the
+    projections."""
     columns = [(f"ours, {'HAProxy' if proxy == 'haproxy' else 'Serve proxy'}", cost)
                for proxy, cost in report["ours"].items()]
     if "seed_baseline" in report:

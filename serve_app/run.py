@@ -23,17 +23,19 @@ GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
 
-# The serving settings measured to help on this kind of machine (README, "What was tried on the serving path");
-# exported before Ray starts, because Serve's controller and replicas read them when they start.
+# The serving settings measured to help on this kind of machine (docs/performance.md, "What was tried on the
+# serving path"); exported before Ray starts, because Serve's controller and replicas read them when they start.
 SERVE_ENV = {
     # Ray 2.60 makes a token for a new local cluster (~/.ray/auth_token), but its CLI clients (`serve run`,
     # `serve deploy`, `serve status`) send it only when told to.
     "RAY_AUTH_MODE": "token",
     # Ray's throughput mode: user code on the replica's main loop, gRPC between replicas, buffered request
-    # logs. Measured here at 1/8/64 users: 17/35/35 req/s with it, 15/27/13 without (README, "What was tried").
+    # logs. Measured here at 1/8/64 users: 17/35/35 req/s with it, 15/27/13 without (docs/performance.md, "What
+    # was tried").
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # HAProxy in front of the ingress replicas, which then serve HTTP themselves: no Python proxy hop, about
-    # 6 ms of CPU less per request here (README, "What was tried on the serving path"). `stop_ray` stops it with Ray.
+    # 6 ms of CPU less per request here (docs/performance.md, "What was tried on the serving path"). `stop_ray`
+    # stops it with Ray.
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
 

@@ -60,5 +60,5 @@ def test_launcher_config_has_a_cpu_head_and_gpu_workers() -> None:
     types = config["available_node_types"]
     assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
     assert types["gpu_workers"]["min_workers"] >= 1 and types["gpu_workers"]["max_workers"] >= 2
-    assert any("pip install ." in c for c in config["setup_commands"])
+    assert any('pip install ".[serve]"' in c for c in config["setup_commands"])
     assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
