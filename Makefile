@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints.txt
 # The stamp names a hash of pyproject.toml and the constraints: editing either re-installs, nothing else does.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install test test-fast serve bench load lint constraints clean
+.PHONY: install test test-long test-fast serve bench load lint constraints clean
 
 install: $(STAMP)
 
@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: install
 	$(PY) -m pytest
 
+# The head-node failure tests: two multi-node clusters, about five minutes.
+test-long: install
+	$(PY) -m pytest -m long
+
 test-fast: install
-	$(PY) -m pytest -m "not slow and not cluster and not chromium"
+	$(PY) -m pytest -m "not slow and not cluster and not chromium and not long"
 
 serve: install
 	$(PY) -m serve_app.run

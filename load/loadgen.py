@@ -37,6 +37,7 @@ class Outcome:
     status: int
     latency_s: float
     error: str = ""
+    sent_at: float = 0.0  # time.monotonic() when the request was sent
 
 
 @dataclass
@@ -109,16 +110,16 @@ async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: floa
                 if stop is not None and stop.is_set():
                     return
                 upload = next(uploads_cycle)
-                t0 = time.perf_counter()
+                t0, sent_at = time.perf_counter(), time.monotonic()
                 try:
                     async with session.post(url, **upload.request_kwargs(field_name)) as response:
                         await response.read()
-                        result.outcomes.append(Outcome(response.status, time.perf_counter() - t0))
+                        result.outcomes.append(Outcome(response.status, time.perf_counter() - t0, sent_at=sent_at))
                         retry_after = response.headers.get("Retry-After", "")
                     if honour_retry_after and response.status == 503 and retry_after.isdigit():
                         await asyncio.sleep(min(int(retry_after), 5))  # as a well-behaved client would
                 except (aiohttp.ClientError, TimeoutError) as e:
-                    result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}"))
+                    result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}", sent_at))
                 sent += 1
 
         await asyncio.gather(*(user(i) for i in range(users)))

@@ -41,6 +41,25 @@ def test_rayservice_passes_the_kuberay_crd_schema() -> None:
         assert group["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/-/healthz"
 
 
+def test_the_gcs_keeps_its_state_in_the_redis_of_redis_yaml() -> None:
+    from cluster.make_rayservice import render_redis
+
+    committed = (ROOT / "cluster" / "redis.yaml").read_text()
+    assert committed == render_redis(), "run .venv/bin/python cluster/make_rayservice.py and commit the result"
+    ft = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"][
+        "gcsFaultToleranceOptions"]
+    redis = {d["kind"]: d for d in yaml.safe_load_all(committed)}
+    service, deployment = redis["Service"], redis["Deployment"]
+    assert ft["redisAddress"] == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert service["spec"]["type"] == "ClusterIP"  # never exposed
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": secret}} in container["env"]
+    assert "--requirepass" in container["command"][-1] and "--appendonly yes" in container["command"][-1]
+    claim = deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert redis["PersistentVolumeClaim"]["metadata"]["name"] == claim
+
+
 def test_schema_validation_catches_a_broken_manifest() -> None:
     manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
     manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
@@ -62,3 +81,6 @@ def test_launcher_config_has_a_cpu_head_and_gpu_workers() -> None:
     assert types["gpu_workers"]["min_workers"] >= 1 and types["gpu_workers"]["max_workers"] >= 2
     assert any('pip install ".[serve]"' in c for c in config["setup_commands"])
     assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
+    head = " ".join(config["head_start_ray_commands"])
+    assert "RAY_REDIS_ADDRESS=" in head and "--redis-password=" in head  # GCS fault tolerance
+    assert "RAY_gcs_rpc_server_reconnect_timeout_s=600" in " ".join(config["worker_start_ray_commands"])
