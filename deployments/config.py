@@ -39,7 +39,7 @@ class IngressConfig(_Strict):
     max_batch_size: int = Field(8, ge=1, le=256, description="uploads per call to the Preprocessor and Classifier")
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0, description="wait for a batch to fill")
     # Admission by time (serve_app.admission): the budget holds on any machine; the count only bounds memory.
-    max_queue_wait_s: float = Field(10.0, gt=0, description="admit an upload only if those held can be answered "
+    max_queue_wait_s: float = Field(20.0, gt=0, description="admit an upload only if those held can be answered "
                                     "within this, at the rate this replica answers now; else 503 before its body")
     max_pending: int = Field(1024, ge=1, description="uploads held at once at most, whatever the wait (memory)")
     max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")

@@ -193,7 +193,8 @@ async def _send_refusal(send: Send, retry_after_s: int) -> None:
 
 
 class RefusalLog:
-    """One line a second at most, saying how many uploads were refused and why, instead of a line per refusal."""
+    """One line a second at most, saying how many uploads were refused and why, instead of a line per refusal. The
+    count of a storm's last second is written with the next refusal; every refusal is counted in the metrics."""
 
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
