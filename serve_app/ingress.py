@@ -102,8 +102,7 @@ class Ingress:
         # An upload that waited so long it would be answered after its deadline is refused before it costs a
         # decode or a forward pass: admission by time makes this rare, and it keeps a 504 from ever being the
         # answer to a wait.
-        now = time.monotonic()
-        late = [u.deadline - now < DEADLINE_MARGIN * self._batch_s for u in uploads]
+        late = past_deadline(uploads, now=time.monotonic(), batch_s=self._batch_s)
         if any(late):
             log.warning("%d uploads would miss their deadline; refused before decoding", sum(late))
         live = [u for u, too_late in zip(uploads, late, strict=True) if not too_late]
@@ -160,6 +159,11 @@ class Ingress:
         return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
                        "starting": d.replica_states.get("STARTING", 0)}
                 for name, d in app.deployments.items()}
+
+
+def past_deadline(uploads: list[_Upload], *, now: float, batch_s: float) -> list[bool]:
+    """Which uploads would be answered after their deadline if sent on now, a batch having recently taken `batch_s`."""
+    return [u.deadline - now < DEADLINE_MARGIN * batch_s for u in uploads]
 
 
 def admission_limits(config: IngressConfig) -> Limits:

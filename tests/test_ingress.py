@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import RayServeException
 
-from serve_app.ingress import _Upload, replica_lost, split_by_bytes
+from serve_app.ingress import _Upload, past_deadline, replica_lost, split_by_bytes
 
 
 def _uploads(*sizes: int) -> list[_Upload]:
@@ -63,3 +63,10 @@ def test_a_stage_lost_upstream_counts_as_a_replica_lost() -> None:
     upstream.__cause__ = ActorDiedError()
     assert replica_lost(ActorDiedError()) and replica_lost(upstream)
     assert not replica_lost(RayServeException("something else")) and not replica_lost(ValueError("bad image"))
+
+
+def test_an_upload_that_would_miss_its_deadline_is_not_sent_on() -> None:
+    uploads = [_Upload(b"x", 5, f"r{i}", deadline) for i, deadline in enumerate((110.0, 100.5, 99.0, float("inf")))]
+    # A batch has recently taken 0.3 s: an upload is sent on only with at least twice that left.
+    assert past_deadline(uploads, now=100.0, batch_s=0.3) == [False, True, True, False]
+    assert past_deadline(uploads, now=100.0, batch_s=0.0) == [False, False, True, False]
