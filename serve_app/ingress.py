@@ -103,8 +103,9 @@ class Ingress:
         # decode or a forward pass: admission by time makes this rare, and it keeps a 504 from ever being the
         # answer to a wait.
         late = past_deadline(uploads, now=time.monotonic(), batch_s=self._batch_s)
-        if any(late):
-            log.warning("%d uploads would miss their deadline; refused before decoding", sum(late))
+        if not any(late):
+            return await self._answer(uploads)
+        log.warning("%d uploads would miss their deadline; refused before decoding", sum(late))
         live = [u for u, too_late in zip(uploads, late, strict=True) if not too_late]
         answers = iter(await self._answer(live) if live else [])
         retry_after = self.admission.retry_after_s()
