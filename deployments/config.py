@@ -41,7 +41,12 @@ class IngressConfig(_Strict):
     # Admission by time (serve_app.admission): the budget holds on any machine; the count only bounds memory.
     max_queue_wait_s: float = Field(20.0, gt=0, description="admit an upload only if those held can be answered "
                                     "within this, at the rate this replica answers now; else 503 before its body")
-    max_pending: int = Field(1024, ge=1, description="uploads held at once at most, whatever the wait (memory)")
+    max_pending: int = Field(1024, ge=1, description="uploads held at once at most, whatever the wait (memory); "
+                             "as many more may wait at the door")
+    # Clients that send again the moment they are refused would otherwise spin on refusals, and their retries take
+    # the CPU the answers need; held at the door, each costs one refusal per door_wait_s at most.
+    door_wait_s: float = Field(2.0, ge=0, description="an upload that cannot be admitted waits this long at the "
+                               "door, unread, for a place to free up, before it is refused")
     max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")
@@ -54,7 +59,7 @@ class IngressConfig(_Strict):
 
     @model_validator(mode="after")
     def _wait_within_timeout(self) -> IngressConfig:
-        if self.max_queue_wait_s >= self.request_timeout_s:
-            raise ValueError("max_queue_wait_s must be shorter than request_timeout_s: an upload admitted to wait "
-                             "that long would time out")
+        if self.max_queue_wait_s + self.door_wait_s >= self.request_timeout_s:
+            raise ValueError("max_queue_wait_s + door_wait_s must be shorter than request_timeout_s: an upload "
+                             "admitted to wait that long would time out")
         return self

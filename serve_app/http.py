@@ -162,7 +162,7 @@ def admitted(app: ASGIApp, admission: Admission) -> ASGIApp:
             await app(scope, receive, send)
             return
         try:
-            admission.admit()
+            await admission.enter()
         except Overloaded as e:
             refusals.refused(e, admission)
             await _send_refusal(send, e.retry_after_s)
@@ -205,8 +205,8 @@ class RefusalLog:
         self.count += 1
         now = time.monotonic()
         if now - self.since >= self.interval_s:
-            log.info("refused %d uploads in %.1f s (%s; %d held, Retry-After %d s)", self.count, now - self.since,
-                     error, admission.held, error.retry_after_s,
+            log.info("refused %d uploads in %.1f s (%s; %d held, %d at the door, Retry-After %d s)", self.count,
+                     now - self.since, error, admission.held, admission.waiting, error.retry_after_s,
                      extra={"access": {"route": "/classify", "status": 503, "error_code": "overloaded",
                                        "refused": self.count}})
             self.count, self.since = 0, now

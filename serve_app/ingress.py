@@ -170,7 +170,8 @@ def past_deadline(uploads: list[_Upload], *, now: float, batch_s: float) -> list
 def admission_limits(config: IngressConfig) -> Limits:
     # Below `floor` uploads held the pipeline is not yet full, and the wait is no more than one batch's.
     return Limits(max_wait_s=config.max_queue_wait_s, max_pending=config.max_pending,
-                  floor=config.max_batch_size * CONCURRENT_BATCHES, min_retry_after_s=config.retry_after_s)
+                  floor=config.max_batch_size * CONCURRENT_BATCHES, min_retry_after_s=config.retry_after_s,
+                  door_wait_s=config.door_wait_s)
 
 
 def replica_lost(error: BaseException) -> bool:

@@ -1,6 +1,8 @@
-"""Admission by time, on a clock the test moves."""
+"""Admission by time, on a clock the test moves; the door, on asyncio's own loop."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -80,3 +82,69 @@ def test_retry_after_is_at_least_the_configured_one() -> None:
         for _ in range(1000):
             admission.admit()
     assert refused.value.retry_after_s == 3
+
+
+def _full(door_wait_s: float) -> Admission:
+    """An admission whose next upload cannot be admitted: 50 answers/s measured, one second's worth held."""
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=1.0, max_pending=1000, floor=4, door_wait_s=door_wait_s), clock)
+    _answer_at(admission, clock, per_s=50, count=MIN_SAMPLES * 2)
+    while True:
+        try:
+            admission.admit()
+        except Overloaded:
+            return admission
+
+
+def test_an_upload_that_cannot_be_admitted_waits_at_the_door_and_takes_the_first_place_freed() -> None:
+    async def scenario() -> None:
+        admission = _full(door_wait_s=30)
+        held = admission.held  # places below are freed with answered=False: the measured rate stays as it is
+        first = asyncio.create_task(admission.enter())
+        second = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0)
+        assert admission.waiting == 2 and not first.done()
+        admission.release(answered=False)
+        await asyncio.sleep(0)
+        assert first.done() and not second.done()  # first come, first admitted
+        assert admission.held == held and admission.waiting == 1
+        admission.release(answered=False)
+        await second
+        assert admission.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_an_upload_is_refused_once_it_has_waited_at_the_door_for_door_wait_s() -> None:
+    async def scenario() -> None:
+        admission = _full(door_wait_s=0.05)
+        held = admission.held
+        with pytest.raises(Overloaded) as refused:
+            await admission.enter()
+        assert refused.value.retry_after_s == 1 and admission.waiting == 0 and admission.held == held
+        with pytest.raises(Overloaded):  # with no door to wait at, at once
+            await _full(door_wait_s=0).enter()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_goes_away_at_the_door_leaves_no_place_taken() -> None:
+    async def scenario() -> None:
+        admission = _full(door_wait_s=30)
+        held = admission.held
+        gone = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert admission.waiting == 0 and admission.held == held
+        # admitted and cancelled in the same turn of the loop: the place it was given is given back
+        admitted_then_gone = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0)
+        admission.release(answered=False)
+        admitted_then_gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitted_then_gone
+        assert admission.waiting == 0 and admission.held == held - 1
+
+    asyncio.run(scenario())
