@@ -151,6 +151,9 @@ def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
     return wrapper
 
 
+ARRIVED = "waterbirds.arrived"  # scope key: time.monotonic() when an upload reached the door
+
+
 def admitted(app: ASGIApp, admission: Admission) -> ASGIApp:
     """Admission of uploads, outside everything else: a refusal is answered from here with a body made once, before
     the upload is read and without Starlette's routing, so that refusing costs little even when thousands of
@@ -161,6 +164,7 @@ def admitted(app: ASGIApp, admission: Admission) -> ASGIApp:
         if scope["type"] != "http" or scope["path"] != "/classify" or scope["method"] != "POST":
             await app(scope, receive, send)
             return
+        scope[ARRIVED] = time.monotonic()  # the request's deadline counts from here, the wait at the door included
         try:
             await admission.enter()
         except Overloaded as e:
@@ -235,11 +239,11 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
     async def classify(request: Request) -> Response:
         start = time.perf_counter()
         config = pipeline.config
-        deadline = time.monotonic() + config.request_timeout_s
+        deadline = request.scope.get(ARRIVED, time.monotonic()) + config.request_timeout_s
         request_id = request.headers.get("x-request-id", "")
         try:
             top_k = _top_k(request, config.default_top_k)
-            async with asyncio.timeout(config.request_timeout_s):
+            async with asyncio.timeout(deadline - time.monotonic()):
                 data = await read_upload(request, config)
                 result = await pipeline.classify(data, top_k, request_id, deadline)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
