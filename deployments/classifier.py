@@ -21,7 +21,7 @@ from bcnn.predict import Predictor
 from bcnn.weights import get_weights
 from deployments.config import ClassifierConfig
 from deployments.messages import ModelCard, PreparedBatch, ScoredBatch, Scores
-from deployments.metrics import ClassifierMetrics
+from deployments.metrics import GAUGE_REFRESH_S, ClassifierMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -55,6 +55,7 @@ class Classifier:
         # and answer health checks meanwhile, and torch's thread settings (per calling thread) stick.
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.metrics = ClassifierMetrics()
+        self._gauges: asyncio.Task[None] | None = None
         if torch.cuda.is_available():
             log.info("Classifier on GPU %s (CUDA_VISIBLE_DEVICES=%s)", torch.cuda.get_device_name(0),
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -79,6 +80,8 @@ class Classifier:
         self._classify_batch.set_max_batch_size(config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
+        if self._gauges is None:
+            self._gauges = asyncio.create_task(self._refresh_gauges())
 
     async def _load(self, config: ClassifierConfig) -> None:
         start = time.perf_counter()
@@ -92,12 +95,10 @@ class Classifier:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
             log.error(self.load_error)
             raise RuntimeError(self.load_error) from None
-        if self.predictor is not None:
-            self._report_model(self.predictor, 0)
         self.predictor, self.load_error = predictor, None
         load_seconds = time.perf_counter() - start
-        self.metrics.load_seconds.set(load_seconds)
-        self._report_model(predictor, 1)
+        self.metrics.serving({"model": weights.name, "version": weights.version, "device": str(predictor.device),
+                              "backend": predictor.backend.name}, load_seconds)
         log.info("loaded model %s version %s on %s (%s, %d threads) in %.2f s, warmed up on the inference thread "
                  "for batch sizes %s", weights.name, weights.version, predictor.device, predictor.backend.name,
                  config.threads, load_seconds, list(sizes))
@@ -105,9 +106,10 @@ class Classifier:
     async def _on_inference_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._inference, fn, *args)
 
-    def _report_model(self, predictor: Predictor, value: int) -> None:
-        self.metrics.model.set(value, tags={"model": predictor.weights.name, "version": predictor.weights.version,
-                                            "device": str(predictor.device), "backend": predictor.backend.name})
+    async def _refresh_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            self.metrics.refresh()
 
     def card(self) -> ModelCard:
         predictor = self._require_model()

@@ -10,6 +10,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
 PIXELS = [1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8]
+# Shorter than Ray's shortest report interval (1 s; 10 s by default), so every export carries the gauges.
+GAUGE_REFRESH_S = 1.0
 
 
 class IngressMetrics:
@@ -50,3 +52,20 @@ class ClassifierMetrics:
         self.load_seconds = Gauge("waterbirds_model_load_seconds", description="Time the current model took to load")
         self.model = Gauge("waterbirds_model_info", description="1 for the model this replica serves",
                            tag_keys=("model", "version", "device", "backend"))
+        self._serving: tuple[dict[str, str], float] | None = None
+
+    def serving(self, model: dict[str, str], load_seconds: float) -> None:
+        """The model this replica now serves (`model` holds the info gauge's tags), until the next call."""
+        if self._serving is not None and self._serving[0] != model:
+            self.model.set(0, tags=self._serving[0])
+        self._serving = (model, load_seconds)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Sets the serving model's gauges again. Ray exports a gauge's value once after each set and its metrics
+        agent forgets it two report intervals later (20 s by default), so a value set once at load would vanish
+        from Prometheus and the dashboard; the replica calls this every `GAUGE_REFRESH_S`."""
+        if self._serving is not None:
+            model, load_seconds = self._serving
+            self.model.set(1, tags=model)
+            self.load_seconds.set(load_seconds)

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -259,44 +260,74 @@ async def _first_503(service: Service, uploads: list[Upload]) -> httpx.Response:
 
 
 
-def _scrape(names: tuple[str, ...], timeout_s: float = 90) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Samples of the named metrics from Ray's Prometheus endpoint, once all of them are there."""
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def _scrape(names: tuple[str, ...], until: Callable[[Samples], bool] = lambda _: True,
+            timeout_s: float = 90) -> Samples:
+    """Samples of the named metrics from Ray's Prometheus endpoint, once all of them are there and `until` holds
+    (each process exports every report interval, so counts arrive in parts)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     deadline = time.monotonic() + timeout_s
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    while time.monotonic() < deadline:
+    while True:
         text = httpx.get("http://127.0.0.1:8080/metrics", timeout=30).text
-        found = {}
+        found: Samples = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 for name in names:
                     if sample.name == name:
                         found.setdefault(name, []).append((sample.labels, sample.value))
-        if set(found) == set(names):
+        if set(found) == set(names) and until(found):
             return found
+        if time.monotonic() > deadline:
+            break
         time.sleep(3)
-    raise AssertionError(f"metrics missing after {timeout_s} s: {sorted(set(names) - set(found))}")
+    missing = sorted(set(names) - set(found))
+    totals = {name: sum(v for _, v in samples) for name, samples in found.items()}
+    raise AssertionError(f"after {timeout_s} s, missing: {missing}" if missing else
+                         f"after {timeout_s} s, counts still short: {totals}")
 
 
 def test_custom_metrics_reach_prometheus(service: Service, mapped_photos: list[Photo]) -> None:
     for photo in mapped_photos[:4]:
         assert _post(service, photo.path.read_bytes()).status_code == 200
     assert _post(service, images.TEXT).status_code == 400
+
+    def counted(metrics: Samples) -> bool:
+        requests: dict[tuple[str, str], float] = {}
+        for labels, value in metrics["ray_waterbirds_requests_total"]:  # one series per Ingress replica
+            key = (labels["route"], labels["outcome"])
+            requests[key] = requests.get(key, 0) + value
+        species = {s["species"] for s, _ in metrics["ray_waterbirds_predictions_total"]}
+        return (requests.get(("/classify", "ok"), 0) >= 4 and requests.get(("/classify", "client_error"), 0) >= 1
+                and {p.imagenet_label for p in mapped_photos[:4]} <= species
+                and sum(v for _, v in metrics["ray_waterbirds_inference_latency_ms_count"]) >= 4
+                and sum(v for _, v in metrics["ray_waterbirds_image_pixels_sum"]) > 4 * 50_000)  # real photos
+
     metrics = _scrape((
         "ray_waterbirds_requests_total", "ray_waterbirds_predictions_total",
         "ray_waterbirds_preprocess_latency_ms_count", "ray_waterbirds_inference_latency_ms_count",
         "ray_waterbirds_batch_size_count", "ray_waterbirds_image_pixels_sum", "ray_waterbirds_model_load_seconds",
-        "ray_waterbirds_model_info", "ray_waterbirds_request_latency_ms_bucket"))
-    requests = {(s["route"], s["outcome"]): v for s, v in metrics["ray_waterbirds_requests_total"]}
-    assert requests[("/classify", "ok")] >= 4 and requests[("/classify", "client_error")] >= 1
-    species = {s["species"] for s, _ in metrics["ray_waterbirds_predictions_total"]}
-    assert {p.imagenet_label for p in mapped_photos[:4]} <= species
-    assert sum(v for _, v in metrics["ray_waterbirds_inference_latency_ms_count"]) >= 4
-    assert sum(v for _, v in metrics["ray_waterbirds_image_pixels_sum"]) > 4 * 50_000  # real photos, not crops
+        "ray_waterbirds_model_info", "ray_waterbirds_request_latency_ms_bucket"), until=counted)
     assert all(0 < v < 120 for _, v in metrics["ray_waterbirds_model_load_seconds"])
     serving = [s for s, v in metrics["ray_waterbirds_model_info"] if v == 1]
     assert serving and all(s["version"] and s["model"] for s in serving)
+
+
+def test_the_serving_model_stays_in_prometheus_long_after_it_loaded(service: Service) -> None:
+    """Ray exports a gauge once per set and its agent forgets it two report intervals after it arrived; a gauge
+    set only when the model loads is gone from Prometheus (and the dashboard) half a minute later."""
+    import ray
+
+    interval_s = max(ray._config.metrics_report_interval_ms(), 1000) / 1000
+    loads = [r["timestamp_ns"] / 1e9 for records in service.replica_logs("Classifier").values() for r in records
+             if r["message"].startswith("loaded model")]
+    assert loads, "no Classifier logged loading its model"
+    forgotten_at = max(loads) + 3 * interval_s  # exported within one interval, then kept for two
+    time.sleep(max(0.0, forgotten_at + 1 - time.time()))
+    metrics = _scrape(("ray_waterbirds_model_info", "ray_waterbirds_model_load_seconds"), timeout_s=0)
+    assert [s for s, v in metrics["ray_waterbirds_model_info"] if v == 1]
 
 
 def test_one_structured_access_line_per_request(service: Service, mapped_photos: list[Photo]) -> None:
