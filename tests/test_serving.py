@@ -344,10 +344,13 @@ def test_one_structured_access_line_per_request(service: Service, mapped_photos:
     assert all(len(json_line) < 2000 for json_line in map(str, records))  # no image bytes in logs
 
 
-def test_first_answers_after_a_swap_are_as_fast_as_warm_ones(service: Service, mapped_photos: list[Photo],
-                                                              tmp_path: Path) -> None:
-    """The new model is warmed up on the thread that serves, before the swap completes (on an H100 the first
-    forward pass after a deploy took 2 s, then 2 ms)."""
+def test_a_new_model_is_warmed_up_on_the_serving_thread_before_it_answers(service: Service,
+                                                                          mapped_photos: list[Photo],
+                                                                          tmp_path: Path) -> None:
+    """On a GPU the first forward pass at a shape picks and loads its kernels (2 s on an H100, then 2 ms), so a new
+    model is warmed up on the thread that will serve it before the swap completes. On a CPU a first pass costs about
+    what later ones do (ONNX Runtime 1.3x here), so answer times cannot show it on this machine: the replica's log
+    does, and every answer after the deploy comes from the new model."""
     checkpoint = tmp_path / "lite0-warm.pt"
     subprocess.run([sys.executable, "-m", "bcnn", "convert", "default", "--out", str(checkpoint)], check=True)
     config = load_config()
@@ -355,15 +358,11 @@ def test_first_answers_after_a_swap_are_as_fast_as_warm_ones(service: Service, m
     try:
         service.deploy(config)
         data = mapped_photos[0].path.read_bytes()
-        timings = []
-        for _ in range(12):
-            body = _post(service, data).json()
-            if body["model"]["name"] == "lite0-warm":
-                timings.append(body["timing_ms"]["inference"])
-        assert len(timings) >= 10, "the new model did not answer after the deploy completed"
-        warm = sorted(timings)[len(timings) // 2]
-        assert max(timings) <= 2 * warm, timings
+        answers = [_post(service, data).json() for _ in range(8)]
+        assert [a["model"]["name"] for a in answers] == ["lite0-warm"] * 8
+        assert all(a["timing_ms"]["inference"] > 0 for a in answers)
         logs = [r["message"] for records in service.replica_logs("Classifier").values() for r in records]
-        assert any("lite0-warm" in m and "warmed up on the inference thread for batch sizes [1]" in m for m in logs)
+        warmed = [m for m in logs if "lite0-warm" in m and "warmed up on the inference thread for batch sizes [1]" in m]
+        assert len(warmed) >= len(service.running_replicas("Classifier")), logs[-10:]
     finally:
         service.deploy(load_config())
