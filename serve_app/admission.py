@@ -134,8 +134,10 @@ class Admission:
         if self.held == 0:
             self._busy_total = now
         while self._waiting and self._refusal() is None:
-            self._take()
-            self._waiting.popleft().set_result(None)
+            waiter = self._waiting.popleft()
+            if not waiter.done():  # done: its request was cancelled this turn of the loop and has not run yet
+                self._take()
+                waiter.set_result(None)
 
     def retry_after_s(self) -> int:
         """When the uploads held now should have been answered: the wait a client refused now would have had."""

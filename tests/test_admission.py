@@ -148,3 +148,20 @@ def test_a_request_that_goes_away_at_the_door_leaves_no_place_taken() -> None:
         assert admission.waiting == 0 and admission.held == held - 1
 
     asyncio.run(scenario())
+
+
+def test_a_place_freed_while_a_cancelled_request_is_still_at_the_door_goes_to_the_next() -> None:
+    async def scenario() -> None:
+        admission = _full(door_wait_s=30)
+        held = admission.held
+        gone = asyncio.create_task(admission.enter())
+        behind = asyncio.create_task(admission.enter())
+        await asyncio.sleep(0)
+        gone.cancel()  # the client went away, and in the same turn of the loop a place frees up
+        admission.release(answered=False)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await behind
+        assert admission.waiting == 0 and admission.held == held
+
+    asyncio.run(scenario())
