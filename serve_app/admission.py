@@ -82,12 +82,12 @@ class Admission:
         """Take a place, waiting at the door for one up to `door_wait_s` behind those already waiting; raise
         `Overloaded` if none frees up. Every upload that enters must be `release`d."""
         if not self._waiting:
-            try:
-                self.admit()
+            refusal = self._refusal()
+            if refusal is None:
+                self._take()
                 return
-            except Overloaded:
-                if self.limits.door_wait_s <= 0:
-                    raise
+            if self.limits.door_wait_s <= 0:
+                raise Overloaded(refusal, self.retry_after_s())
         elif len(self._waiting) >= self.limits.max_pending:
             raise Overloaded(f"{len(self._waiting)} uploads are already waiting at the door", self.retry_after_s())
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
