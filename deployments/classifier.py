@@ -7,10 +7,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,12 +20,12 @@ from bcnn.weights import get_weights
 from deployments.config import ClassifierConfig
 from deployments.messages import ModelCard, PreparedBatch, ScoredBatch, Scores
 from deployments.metrics import GAUGE_REFRESH_S, ClassifierMetrics
+from deployments.threads import DedicatedThread
 
 log = logging.getLogger("ray.serve")
 
 # A change of any of these builds a new Predictor beside the old one (ONNX Runtime fixes its threads per session).
 _MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads")
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class Classifier:
         self.load_error: str | None = None
         # Forward passes run on one thread of their own: the event loop stays free to gather the next batch
         # and answer health checks meanwhile, and torch's thread settings (per calling thread) stick.
-        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._inference = DedicatedThread("inference")
         self.metrics = ClassifierMetrics()
         self._gauges: asyncio.Task[None] | None = None
         if torch.cuda.is_available():
@@ -76,7 +74,7 @@ class Classifier:
         else:
             self.predictor.threshold = config.waterbird_threshold
             if config.max_batch_size != old.max_batch_size:
-                await self._on_inference_thread(self.predictor.warm_up, config.max_batch_size)
+                await self._inference.run(self.predictor.warm_up, config.max_batch_size)
         self._classify_batch.set_max_batch_size(config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
@@ -90,7 +88,7 @@ class Classifier:
             # Built off the inference thread, which keeps answering with the old model meanwhile; warmed up on it.
             predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold,
                                                 backend=config.backend, threads=config.threads)
-            sizes = await self._on_inference_thread(predictor.warm_up, config.max_batch_size)
+            sizes = await self._inference.run(predictor.warm_up, config.max_batch_size)
         except Exception as e:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
             log.error(self.load_error)
@@ -102,9 +100,6 @@ class Classifier:
         log.info("loaded model %s version %s on %s (%s, %d threads) in %.2f s, warmed up on the inference thread "
                  "for batch sizes %s", weights.name, weights.version, predictor.device, predictor.backend.name,
                  config.threads, load_seconds, list(sizes))
-
-    async def _on_inference_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._inference, fn, *args)
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -141,7 +136,7 @@ class Classifier:
         if config.skip_forward:
             logits = torch.zeros(len(images), len(predictor.weights.categories))
         else:
-            logits = await self._on_inference_thread(predictor.logits, images)
+            logits = await self._inference.run(predictor.logits, images)
         inference_ms = (time.perf_counter() - start) * 1000
         self.metrics.latency.observe(inference_ms)
         self.metrics.batch_size.observe(len(images))

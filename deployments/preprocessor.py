@@ -15,6 +15,7 @@ from bcnn.preprocess import ImageError, Preprocess, load_image
 from deployments.config import PreprocessorConfig
 from deployments.messages import PreparedBatch
 from deployments.metrics import PreprocessorMetrics
+from deployments.threads import DedicatedThread
 
 log = logging.getLogger("ray.serve")
 
@@ -29,12 +30,18 @@ class Preprocessor:
         keep_freed_memory()  # messages of a few MB each: reuse their buffers instead of page-faulting new ones
         self.config = PreprocessorConfig()
         self.metrics = PreprocessorMetrics()
+        self._decoding = DedicatedThread("decode")
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = PreprocessorConfig(**user_config)
 
-    def __call__(self, uploads: list[bytes], preprocess: Preprocess, request_ids: tuple[str, ...]) -> PreparedBatch:
-        """A bad upload is refused on its own; the others of its batch go on."""
+    async def __call__(self, uploads: list[bytes], preprocess: Preprocess,
+                       request_ids: tuple[str, ...]) -> PreparedBatch:
+        """A bad upload is refused on its own; the others of its batch go on. Batches are decoded one after
+        another on the replica's decoding thread (`num_cpus: 1`)."""
+        return await self._decoding.run(self._prepare, uploads, preprocess, request_ids)
+
+    def _prepare(self, uploads: list[bytes], preprocess: Preprocess, request_ids: tuple[str, ...]) -> PreparedBatch:
         images: list[np.ndarray] = []
         timings: list[float] = []
         rejected: dict[int, ImageError] = {}

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from load.loadgen import BackgroundLoad, Upload, run_load
@@ -245,6 +246,38 @@ def test_concurrent_uploads_travel_in_batches_and_a_bad_one_fails_alone(service:
         if any(len(ids) > 1 and any(i.startswith("batch-bad-") for i in ids) for ids in batches):
             return  # a bad upload shared a batch with others, and only it failed
     pytest.fail("concurrent uploads never travelled together in one batch")
+
+
+def test_preprocessors_decode_on_long_lived_threads(service: Service, photos: list[Photo]) -> None:
+    """Serve runs a sync method on an anyio worker thread that ends with the request (on Serve's event loop),
+    so a sync Preprocessor started and stopped a thread for nearly every batch, and most of its CPU went to
+    threads that were gone by the time anyone looked; it decodes on a thread of its own (deployments/threads.py).
+    Measured: the CPU of a Preprocessor process during a load against that of its threads alive before and after."""
+    def cpu() -> dict[int, tuple[float, dict[int, float]]]:
+        found = {}
+        for process in psutil.process_iter(["cmdline"]):
+            if (process.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:waterbirds:Preprocessor"):
+                with process.oneshot():
+                    total = process.cpu_times()
+                    found[process.pid] = (total.user + total.system,
+                                          {t.id: t.user_time + t.system_time for t in process.threads()})
+        return found
+
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:32]]
+    asyncio.run(run_load(service.url + "/classify", uploads, users=32, requests_per_user=1))  # threads started
+    before = cpu()
+    assert before, "no Preprocessor replica found among this machine's processes"
+    result = asyncio.run(run_load(service.url + "/classify", uploads, users=32, requests_per_user=8))
+    assert result.statuses == {200: 256}, result.summary()
+    after = cpu()
+    spent = lived = 0.0
+    for pid, (total, threads) in before.items():
+        if pid in after:
+            spent += after[pid][0] - total
+            lived += sum(after[pid][1][tid] - cpu_s for tid, cpu_s in threads.items() if tid in after[pid][1])
+    assert spent > 0.3, f"the Preprocessors spent only {spent:.2f} s of CPU on 256 requests"
+    assert spent - lived < 0.25 * spent, (f"{spent - lived:.2f} of the Preprocessors' {spent:.2f} s of CPU went "
+                                          "to threads that started and ended during the load")
 
 
 async def _first_503(service: Service, uploads: list[Upload]) -> httpx.Response:
