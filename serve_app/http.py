@@ -13,7 +13,7 @@ from typing import Protocol
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -79,7 +79,7 @@ async def read_upload(request: Request, config: IngressConfig) -> bytes:
     try:
         async with asyncio.timeout(config.upload_read_timeout_s):
             if content_type == "multipart/form-data":
-                return await _form_file(request)
+                return await _form_file(request, limit)
             if content_type.startswith("image/") or content_type == "application/octet-stream":
                 return await request.body()
     except TimeoutError:
@@ -92,13 +92,15 @@ async def read_upload(request: Request, config: IngressConfig) -> bytes:
                    "with an image/* content type.")
 
 
-async def _form_file(request: Request) -> bytes:
+async def _form_file(request: Request, limit: int) -> bytes:
+    parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=20)
+    # Starlette spools a file over 1 MB to disk, each write and the read back on a worker thread; the body is
+    # bounded by `limit` and read into memory right after anyway, so a phone photo stays in memory.
+    parser.spool_max_size = limit
     try:
-        form = await request.form(max_files=1, max_fields=20)
+        form = await parser.parse()
     except MultiPartException as e:
         raise ApiError(400, "bad_multipart", f"The form could not be read: {e.message}") from None
-    except HTTPException as e:  # Starlette 1.x reports form errors this way inside an app
-        raise ApiError(400, "bad_multipart", f"The form could not be read: {e.detail}") from None
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):

@@ -61,6 +61,9 @@ def _phone_sized_uploads_alone_and_together(service: Service) -> None:
     big = images.noise_jpeg(2000)
     assert len(big) > 4 * 2**20
     assert _post(service, big).status_code == 200
+    # As the page sends it: multipart, kept in memory rather than spooled to a temporary file (serve_app/http.py).
+    response = httpx.post(service.url + "/classify", files={"file": ("phone.jpg", big, "image/jpeg")}, timeout=120)
+    assert response.status_code == 200, response.text
 
     async def together() -> list[int]:
         async with httpx.AsyncClient(timeout=120) as client:
