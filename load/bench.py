@@ -22,9 +22,7 @@ import itertools
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -34,45 +32,14 @@ from typing import Any
 import httpx
 import yaml
 
-from load import overload, serving_cost
+from load import harness, overload, serving_cost
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
-from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "load" / "results"
-PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
 USERS = (1, 8, 64, 400)
-SEED_PORT = 8001
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 COST_MARKERS = ("<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
 OVERLOAD_MARKERS = ("<!-- bench-overload:start -->", "<!-- bench-overload:end -->")
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, **SERVE_ENV}
-
-
-def _wait_http(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
-
-
-def _load(url: str, uploads: list[Upload], users: int, seconds: float) -> dict[str, Any]:
-    asyncio.run(run_load(url, uploads, users=min(users, 8), seconds=3))  # warm every replica
-    result = asyncio.run(run_load(url, uploads, users=users, seconds=seconds, timeout_s=120))
-    summary = result.summary()
-    summary["lost"] = summary["statuses"].get("0", 0)  # no HTTP answer at all
-    print(f"  {users:>4} users: {summary['throughput_rps']:7.2f} req/s  p50 {summary['latency_ms_p50']:8.1f} ms  "
-          f"p99 {summary['latency_ms_p99']:8.1f} ms  {summary['statuses']}", flush=True)
-    return summary
 
 
 def _serving_overhead(url: str, uploads: list[Upload], requests: int = 100) -> dict[str, float]:
@@ -132,92 +99,46 @@ def _backends_through_service(url: str, uploads: list[Upload], config: dict[str,
                               users: int, seconds: float, rounds: int = 2) -> dict[str, Any]:
     """Our service at `users` with the Classifier's `backend` set to torch, then back to auto, alternating: each
     a model swap in place (`serve deploy`), as an operator would do it."""
-    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+    classifier = harness.deployment(config, "Classifier")
     runs: dict[str, list[float]] = {"torch": [], "auto": []}
     chosen = ""
     for _ in range(rounds):
         for backend in runs:
             classifier["user_config"]["backend"] = backend
-            running = _deploy(config, env)
+            running = harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"), backend=backend)
             chosen = running if backend == "auto" else chosen
             print(f"  through the service, backend {running}:", flush=True)
-            runs[backend].append(_load(url, uploads, users, seconds)["throughput_rps"])
+            runs[backend].append(harness.load_point(url, uploads, users, seconds)["throughput_rps"])
     classifier["user_config"]["backend"] = "auto"
-    _deploy(config, env)
+    harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
     return {"users": users, **_backend_ratio(runs, chosen)}
 
 
-def _deploy(config: dict[str, Any], env: dict[str, str], timeout_s: float = 300) -> str:
-    """`serve deploy` a changed config and wait until the Classifiers report the new model settings; returns the
-    backend they run."""
-    path = RESULTS / ".bench-config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    try:
-        subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
-    finally:
-        path.unlink(missing_ok=True)
-    wanted = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")["user_config"]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = subprocess.run([*cli("serve"), "status"], env=env, capture_output=True, text=True).stdout
-        app = (yaml.safe_load(status) or {}).get("applications", {}).get("waterbirds", {})
-        if app.get("status") == "RUNNING":
-            model = httpx.get("http://127.0.0.1:8000/labels", timeout=30).json()["model"]
-            if wanted.get("backend", "auto") in ("auto", model["backend"]):
-                return str(model["backend"])
-        time.sleep(1)
-    raise TimeoutError(f"the service did not run the new configuration within {timeout_s} s")
-
-
 def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) -> dict[str, Any]:
-    env = _env()
-    stop_ray(env, force=True)
-    ensure_auth_token(env)
-    subprocess.run(ray_start_command(), env=env, check=True, capture_output=True)
-    config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
-    try:
-        subprocess.run([*cli("serve"), "deploy", str(ROOT / "serve_config.local.yaml")], env=env, check=True,
-                       capture_output=True)
-        _wait_http("http://127.0.0.1:8000/healthz")
-        url = "http://127.0.0.1:8000/classify"
+    env = harness.serve_env()
+    config = yaml.safe_load((harness.ROOT / "serve_config.local.yaml").read_text())
+    with harness.ray_cluster(env):
+        harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
+        url = harness.SERVICE_URL + "/classify"
         print("our service (serve_config.local.yaml):", flush=True)
-        ours = {str(u): _load(url, uploads, u, seconds) for u in users}
+        ours = {str(u): harness.load_point(url, uploads, u, seconds) for u in users}
         overhead = _serving_overhead(url, uploads)
         paired = _paired(url, uploads, users=max(users, key=lambda u: ours[str(u)]["throughput_rps"]),
                          seconds=seconds / 2)
         print("backends through the service (torch, then auto, twice):", flush=True)
         backends = _backends_through_service(url, uploads, config, env, users=64, seconds=seconds)
 
-        classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-        classifier["user_config"]["skip_forward"] = True
-        _deploy(config, env)
+        harness.deployment(config, "Classifier")["user_config"]["skip_forward"] = True
+        harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
         print("serving ceiling (classifier skips the forward pass):", flush=True)
-        ceiling = {str(u): _load(url, uploads, u, seconds) for u in (1, 64)}
+        ceiling = {str(u): harness.load_point(url, uploads, u, seconds) for u in (1, 64)}
         return {"ours": ours, "ceiling": ceiling, "overhead": overhead, "paired": paired, "backends": backends}
-    finally:
-        stop_ray(env, force=True)
 
 
-def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...], workers: int,
-                   checkpoint: str = "default") -> dict[str, Any]:
-    command = [*cli("gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
-               "--timeout", "120", "load.seed_baseline.service:app"]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, env={**os.environ, "SEED_CHECKPOINT": checkpoint})
-    try:
-        url = f"http://127.0.0.1:{SEED_PORT}/upload/"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.post(url, files={"file": ("a.jpg", uploads[0].data)}, timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        print(f"seed baseline (Flask + gunicorn -w {workers}, model {checkpoint}):", flush=True)
-        return {str(u): _load(url, uploads, u, seconds) for u in users}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+def _seed_baseline(uploads: list[Upload], seconds: float, users: tuple[int, ...], workers: int) -> dict[str, Any]:
+    with harness.seed_service("default", workers, uploads[0]) as url:
+        print(f"seed baseline (Flask + gunicorn -w {workers}, embedded default):", flush=True)
+        return {str(u): harness.load_point(url, uploads, u, seconds) for u in users}
 
 
 def _in_process(uploads: list[Upload], seconds: float) -> dict[str, Any]:
@@ -233,8 +154,8 @@ def _in_process(uploads: list[Upload], seconds: float) -> dict[str, Any]:
 
 
 def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost.Node) -> dict[str, Any]:
-    uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
-    print(f"{len(uploads)} photos from {PHOTOS}", flush=True)
+    uploads = [Upload(u.name, u.data) for u in load_uploads(harness.PHOTOS)]
+    print(f"{len(uploads)} photos from {harness.PHOTOS}", flush=True)
     print("in-process limit (before):", flush=True)
     before = _in_process(uploads, seconds / 2)
     print("backends in process (torch, then auto, twice):", flush=True)
@@ -299,27 +220,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         right.plot(x, [results[u]["latency_ms_p50"] for u in users], style, label=f"{name} p50")
         right.plot(x, [results[u]["latency_ms_p99"] for u in users], style, alpha=0.5, label=f"{name} p99")
     left.axhline(report["in_process"]["limit_images_per_s"], color="gray", linestyle=":", label="in-process limit")
-    finish_plot(fig, "answers per second", "latency (ms)",
+    harness.finish_plot(fig, "answers per second", "latency (ms)",
                 f"Waterbird service, {report['machine']['cpus']} CPUs, {report['date'][:10]}", path)
-
-
-def finish_plot(fig: Any, left_label: str, right_label: str, title: str, path: Path) -> None:
-    """Both profiles' plots: throughput (left) and latency (right, log) against concurrent users (log)."""
-    import matplotlib.pyplot as plt
-
-    left, right = fig.axes
-    for ax in (left, right):
-        ax.set_xscale("log")
-        ax.set_xlabel("concurrent users")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    left.set_ylabel(left_label)
-    right.set_ylabel(right_label)
-    right.set_yscale("log")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def table(report: dict[str, Any]) -> str:
@@ -383,20 +285,6 @@ def cost_section(report: dict[str, Any]) -> str:
             f"subtracted.\n\n{serving_cost.table(cost)}")
 
 
-PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"
-
-
-def replace_doc_section(markers: tuple[str, str], text: str, page: Path = PERFORMANCE_PAGE) -> None:
-    """Write `text` between the two markers in a documentation page (left alone where they are missing). Paths in
-    it are relative to the page's folder."""
-    content = page.read_text()
-    start, end = markers
-    if start in content and end in content:
-        head, _, rest = content.partition(start)
-        _, _, tail = rest.partition(end)
-        page.write_text(f"{head}{start}\n{text}\n{end}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     profile = argparse.ArgumentParser(add_help=False)
     profile.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
@@ -418,22 +306,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="and its GPU's images/s (default: the H100 with the VGG16-BCNN 448 at batch 128)")
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
-    if not PHOTOS.is_dir():
-        print(f"no photos at {PHOTOS}; set WATERBIRD_PHOTOS to a folder of JPEGs", file=sys.stderr)
+    if not harness.PHOTOS.is_dir():
+        print(f"no photos at {harness.PHOTOS}; set WATERBIRD_PHOTOS to a folder of JPEGs", file=sys.stderr)
         return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    harness.RESULTS.mkdir(parents=True, exist_ok=True)
     report = run(args.seconds, tuple(int(u) for u in args.users.split(",")), args.seed_workers,
                  serving_cost.Node(args.node_cores, args.gpu_rate))
     stem = report["date"][:10]
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, RESULTS / f"{stem}.png")
+    (harness.RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, harness.RESULTS / f"{stem}.png")
     text = table(report)
     cost = cost_section(report)
     print("\n" + text + "\n\n" + cost)
     if not args.no_readme:
-        replace_doc_section((BENCH_START, BENCH_END), f"{text}\n\n![Benchmark](../load/results/{stem}.png)")
-        replace_doc_section(COST_MARKERS, cost)
-        replace_doc_section(OVERLOAD_MARKERS, overload.section(report["overload"], report["date"],
+        harness.replace_doc_section((BENCH_START, BENCH_END), f"{text}\n\n![Benchmark](../load/results/{stem}.png)")
+        harness.replace_doc_section(COST_MARKERS, cost)
+        harness.replace_doc_section(OVERLOAD_MARKERS, overload.section(report["overload"], report["date"],
                                                                report["machine"]["cpus"]))
     return 0
 

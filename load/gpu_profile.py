@@ -8,7 +8,9 @@
    then the replica counts for a while after the load stops (autoscaling back down);
 3. the 2019 design (`load/seed_baseline`, `gunicorn -w <cores>`) with the same models at the same points;
 
-then `load/results/gpu-<date>.json`, a plot beside it, and the GPU table in docs/performance.md. It needs no `make`:
+then `load/results/gpu-<date>.json`, a plot beside it, and the GPU table in docs/performance.md. The load comes from
+`wrk` where it is installed (`load/wrk.py`: a Python generator on the node's own cores was a limit near 1,000
+req/s), else from `load.loadgen`; every point reports the generator's own CPU. It needs no `make`:
 `ray`, `serve` and `gunicorn` are found beside this Python, on PATH, or run as modules. On a machine without a
 GPU, `--logical-gpus 1` runs the same code path on the CPU (the suite does, in a short form).
 """
@@ -23,7 +25,6 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -33,13 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-from bcnn.weights import get_weights
-from load.bench import PHOTOS, RESULTS, ROOT, _load, _seed_baseline, finish_plot, replace_doc_section
+from load import harness, wrk
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import Upload, load_uploads, run_load
-from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
 
 USERS = (1, 16, 64, 256, 1024)
 BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -163,70 +161,43 @@ def limits(uploads: list[Upload], checkpoint: str, batch_sizes: tuple[int, ...],
             "decode_all_cores": round(per_core * cores, 1), "lower": round(min(best, per_core * cores), 1)}
 
 
-def production_config(checkpoint: str, gpus: int) -> dict[str, Any]:
-    """serve_config.yaml with HTTP on loopback, the checkpoint, and one Classifier replica per GPU."""
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["host"] = "127.0.0.1"
-    for d in config["applications"][0]["deployments"]:
-        if d["name"] == "Classifier":
-            d.pop("autoscaling_config", None)
-            d["num_replicas"] = gpus
-            d["user_config"]["checkpoint"] = checkpoint
-    return config
-
-
-def _deploy(config: dict[str, Any], model_name: str, upload: Upload, env: dict[str, str], workdir: Path) -> None:
-    """`serve deploy`, then until the application is RUNNING and answers with `model_name`: right after a
-    deploy that swaps the model, `serve status` can still show the previous one RUNNING."""
-    path = workdir / f"deploy-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
-    deadline = time.monotonic() + 600
-    last: object = None
-    while time.monotonic() < deadline:
-        status = yaml.safe_load(subprocess.run([*cli("serve"), "status"], env=env, capture_output=True,
-                                               text=True).stdout or "{}")
-        last = app = (status.get("applications") or {}).get("waterbirds", {})
-        if app.get("status") == "RUNNING":
-            try:
-                response = httpx.post("http://127.0.0.1:8000/classify", content=upload.data, timeout=60,
-                                      headers={"Content-Type": "image/jpeg"})
-                last = response.text[:300]
-                if response.status_code == 200 and response.json()["model"]["name"] == model_name:
-                    return
-            except httpx.HTTPError as e:
-                last = e
-        time.sleep(2)
-    raise TimeoutError(f"the application did not answer with {model_name} in 600 s; last: {last}")
-
-
 def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int, ...], seconds: float,
-                warmup_s: float, cooldown_s: float, gpus: int, cpus: int | None, env: dict[str, str],
-                workdir: Path) -> dict[str, Any]:
-    stop_ray(env, force=True)
-    ensure_auth_token(env)
-    subprocess.run(ray_start_command(num_cpus=cpus, num_gpus=gpus), env=env, check=True, capture_output=True)
-    url = "http://127.0.0.1:8000/classify"
+                warmup_s: float, cooldown_s: float, classifiers: int, gpus: int, cpus: int | None,
+                env: dict[str, str], generator: str) -> dict[str, Any]:
+    url = harness.SERVICE_URL + "/classify"
     results: dict[str, Any] = {}
-    try:
-        with Sampler() as sampler:
-            for name, checkpoint in models.items():
-                sampler.phase = f"{name}:deploy"
-                model_name = get_weights("default").name if checkpoint == "default" else Path(checkpoint).stem
-                _deploy(production_config(checkpoint, gpus), model_name, uploads[0], env, workdir)
-                print(f"our service, {name} (serve_config.yaml, {gpus} Classifier replicas):", flush=True)
-                sampler.phase = f"{name}:warmup"
-                asyncio.run(run_load(url, uploads, users=64, seconds=warmup_s, timeout_s=120))
-                points = {}
-                for u in users:
-                    sampler.phase = f"{name}:{u}"
-                    points[str(u)] = {**_load(url, uploads, u, seconds), **sampler.of(sampler.phase)}
-                sampler.phase = f"{name}:cooldown"
-                time.sleep(cooldown_s)
-                results[name] = {"points": points, "cooldown": sampler.of(sampler.phase)}
-            results["timeline"] = sampler.samples
-    finally:
-        stop_ray(env, force=True)
+    with harness.ray_cluster(env, num_cpus=cpus, num_gpus=gpus), Sampler() as sampler:
+        for name, checkpoint in models.items():
+            sampler.phase = f"{name}:deploy"
+            config = harness.production_config(checkpoint, classifiers=classifiers)
+            if classifiers > gpus:  # Ray's fractional GPUs: several replicas share each GPU
+                classifier = harness.deployment(config, "Classifier")
+                classifier["ray_actor_options"]["num_gpus"] = round(gpus / classifiers, 3)
+            harness.deploy(config, env, uploads[0], model_name=harness.model_name(checkpoint))
+            print(f"our service, {name} (serve_config.yaml, {classifiers} Classifier replicas on {gpus} GPUs):",
+                  flush=True)
+            sampler.phase = f"{name}:warmup"
+            asyncio.run(run_load(url, uploads, users=64, seconds=warmup_s, timeout_s=120))
+            points = {}
+            for u in users:
+                sampler.phase = f"{name}:{u}"
+                points[str(u)] = {**harness.load_point(url, uploads, u, seconds, generator=generator),
+                                  **sampler.of(sampler.phase)}
+            sampler.phase = f"{name}:cooldown"
+            time.sleep(cooldown_s)
+            results[name] = {"points": points, "cooldown": sampler.of(sampler.phase)}
+        results["timeline"] = sampler.samples
+    return results
+
+
+def seed_design(models: dict[str, str], uploads: list[Upload], users: tuple[int, ...], seconds: float,
+                workers: int, generator: str) -> dict[str, Any]:
+    results = {}
+    for name, checkpoint in models.items():
+        with harness.seed_service(checkpoint, workers, uploads[0]) as url:
+            print(f"the 2019 design (Flask + gunicorn -w {workers}), {name}:", flush=True)
+            results[name] = {"points": {str(u): harness.load_point(url, uploads, u, seconds, generator=generator)
+                                        for u in users}}
     return results
 
 
@@ -280,7 +251,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             left.plot(x, [results[u]["throughput_rps"] for u in users], style, label=f"{name}, {model}")
             right.plot(x, [results[u]["latency_ms_p99"] for u in users], style, label=f"{name}, {model}")
         left.axhline(report["limits"][model]["lower"], linestyle=":", color="gray")
-    finish_plot(fig, "answers per second (dotted: the lower limit)", "p99 latency (ms)",
+    harness.finish_plot(fig, "answers per second (dotted: the lower limit)", "p99 latency (ms)",
                 f"Waterbird service on {report['machine']['gpu']}, {report['machine']['cpus']} CPUs, "
                 f"{report['date'][:10]}", path)
 
@@ -316,33 +287,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gpus = args.logical_gpus if args.logical_gpus is not None else torch.cuda.device_count()
     if gpus < 1:
         raise SystemExit("no GPU here: run on a GPU machine, or give --logical-gpus 1 to try the code path")
-    uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
+    uploads = [Upload(u.name, u.data) for u in load_uploads(harness.PHOTOS)]
     workdir = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     vgg = random_bcnn_checkpoint(workdir / "vgg16-bcnn.pt", num_classes=args.vgg_classes, input_size=args.vgg_size)
     available = {f"vgg16_{args.vgg_size}": str(vgg), "default": "default"}
     models = {name: available[name] for name in args.models.split(",")}
     users = tuple(int(u) for u in args.users.split(","))
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    env = {**os.environ, **SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1" if args.proxy == "haproxy" else "0"}
-    print(f"{len(uploads)} photos from {PHOTOS}; {gpus} GPU(s), {cores} cores", flush=True)
+    env = harness.serve_env(args.proxy)
+    generator = args.generator if args.generator != "auto" else ("wrk" if wrk.available() else "python")
+    classifiers = gpus * args.classifiers_per_gpu
+    print(f"{len(uploads)} photos from {harness.PHOTOS}; {gpus} GPU(s), {cores} cores", flush=True)
 
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (CPU run)",
                     "gpus": gpus, "cpus": cores, "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
-        "seconds_per_point": args.seconds, "proxy": args.proxy, "models": list(models),
+        "seconds_per_point": args.seconds, "proxy": args.proxy, "models": list(models), "generator": generator,
+        "classifiers_per_gpu": args.classifiers_per_gpu,
         "vgg_checkpoint": {"input_size": args.vgg_size, "classes": args.vgg_classes, "weights": "random"},
         "limits": {}, "ours": {}, "seed_baseline": {},
     }
     for name, checkpoint in models.items():
         print(f"limits, {name}:", flush=True)
         report["limits"][name] = limits(uploads, checkpoint, batch_sizes, args.limit_seconds, cores)
-    report["ours"] = our_service(models, uploads, users, args.seconds, args.warmup, args.cooldown, gpus,
-                                 args.logical_cpus, env, workdir)
-    for name, checkpoint in models.items():
-        report["seed_baseline"][name] = {"points": _seed_baseline(uploads, args.seconds, users,
-                                                                  args.seed_workers or cores, checkpoint)}
+    report["ours"] = our_service(models, uploads, users, args.seconds, args.warmup, args.cooldown, classifiers,
+                                 gpus, args.logical_cpus, env, generator)
+    report["seed_baseline"] = seed_design(models, uploads, users, args.seconds, args.seed_workers or cores, generator)
     report["targets"] = targets(report)
     return report
 
@@ -361,13 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vgg-classes", type=int, default=200)
     parser.add_argument("--seed-workers", type=int, default=0, help="gunicorn workers (default: one per core)")
     parser.add_argument("--proxy", choices=("haproxy", "serve"), default="haproxy")
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
+                        help="the load generator: auto is wrk where it is installed, else the Python one")
+    parser.add_argument("--classifiers-per-gpu", type=int, default=1,
+                        help="Classifier replicas per GPU (more than 1: Ray's fractional GPUs)")
     parser.add_argument("--logical-gpus", type=int, help="declare GPUs to Ray (a CPU run of the code path)")
     parser.add_argument("--logical-cpus", type=int, help="declare CPUs to Ray (the production file asks for 5)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=harness.RESULTS)
     parser.add_argument("--no-readme", action="store_true")
     args = parser.parse_args(argv)
-    if not PHOTOS.is_dir():
-        parser.error(f"no photos at {PHOTOS}; set WATERBIRD_PHOTOS to a folder of JPEGs")
+    if not harness.PHOTOS.is_dir():
+        parser.error(f"no photos at {harness.PHOTOS}; set WATERBIRD_PHOTOS to a folder of JPEGs")
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-{report['date'][:10]}"
@@ -376,5 +352,5 @@ def main(argv: list[str] | None = None) -> int:
     text = table(report)
     print("\n" + text)
     if not args.no_readme:
-        replace_doc_section(DOC_MARKERS, f"{text}\n\n![GPU benchmark](../load/results/{stem}.png)")
+        harness.replace_doc_section(DOC_MARKERS, f"{text}\n\n![GPU benchmark](../load/results/{stem}.png)")
     return 0

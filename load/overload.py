@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,12 +23,12 @@ from typing import Any
 import httpx
 import yaml
 
+from load import harness
+from load.checkpoints import random_bcnn_checkpoint
+from load.cpu_watch import CpuWatch, busy_ms_by_role
+from load.harness import SERVICE_URL as URL
 from load.loadgen import Upload, load_uploads, run_load
-from load.serving_cost import PHOTOS, CpuWatch, busy_ms_by_role
-from serve_app.run import SERVE_ENV, ensure_auth_token, ray_start_command, stop_ray
 
-ROOT = Path(__file__).resolve().parents[1]
-URL = "http://127.0.0.1:8000"
 # Roles a request or a refusal passes through; the rest of Ray is reported but not charged to either.
 REQUEST_ROLES = ("HAProxy", "Ingress", "Preprocessor", "Classifier", "Ray raylet")
 
@@ -78,14 +76,11 @@ def config_for(profile: str, workdir: Path, *, forward: bool = False, fixed_repl
     a 16-core node, replicas started by autoscaling get no core of their own, and starting them costs seconds of
     the CPU the storm is measured on."""
     if profile == "local":
-        return yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
-    from load.checkpoints import random_bcnn_checkpoint
-    from load.serving_cost import production_config
-
+        return yaml.safe_load((harness.ROOT / "serve_config.local.yaml").read_text())
     checkpoint = random_bcnn_checkpoint(workdir / "vgg16-bcnn.pt", num_classes=200, input_size=448)
-    config = production_config(str(checkpoint), skip_forward=not forward)
+    config = harness.production_config(str(checkpoint), skip_forward=not forward)
     if fixed_replicas:
-        for d in config["applications"][0]["deployments"]:
+        for d in harness.deployments(config):
             if "autoscaling_config" in d:
                 d["num_replicas"] = d.pop("autoscaling_config")["min_replicas"]
     return config
@@ -95,18 +90,12 @@ def run(uploads: list[Upload], *, profile: str = "local", calm_users: int = 16, 
         seconds: float = 45.0, calm_seconds: float = 30.0, warmup_s: float = 15.0, forward: bool = False,
         fixed_replicas: bool = False) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="overload-"))
-    env = {**os.environ, **SERVE_ENV}
-    stop_ray(env, force=True)
-    ensure_auth_token(env)
+    env = harness.serve_env()
     production = profile == "production"
-    start = ray_start_command(num_cpus=16, num_gpus=1) if production else ray_start_command()
-    subprocess.run(start, env=env, check=True, capture_output=True)
-    config = config_for(profile, workdir, forward=forward, fixed_replicas=fixed_replicas)
-    try:
-        from load.gpu_profile import _deploy
-
-        _deploy(config, "vgg16-bcnn" if production else "waterbirds-imagenet", uploads[0], env,
-                workdir)
+    with harness.ray_cluster(env, num_cpus=16 if production else None, num_gpus=1 if production else None):
+        config = config_for(profile, workdir, forward=forward, fixed_replicas=fixed_replicas)
+        checkpoint = str(workdir / "vgg16-bcnn.pt") if production else "default"
+        harness.deploy(config, env, uploads[0], model_name=harness.model_name(checkpoint))
         url = URL + "/classify"
         asyncio.run(run_load(url, uploads, users=calm_users, seconds=warmup_s, timeout_s=120))
         with CpuWatch() as idle:
@@ -122,8 +111,6 @@ def run(uploads: list[Upload], *, profile: str = "local", calm_users: int = 16, 
             storm["after"] = after(uploads)
             report[f"storm_{users}"] = storm
             print(f"storm {users}:", json.dumps(storm), flush=True)
-    finally:
-        stop_ray(env, force=True)
     return report
 
 
@@ -167,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fixed-replicas", action="store_true", help="production: no autoscaling (a small CPU)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
+    uploads = [Upload(u.name, u.data) for u in load_uploads(harness.PHOTOS)]
     report = run(uploads, profile=args.profile, storms=tuple(int(u) for u in args.storms.split(",")),
                  seconds=args.seconds, calm_seconds=args.calm_seconds, forward=args.forward,
                  fixed_replicas=args.fixed_replicas)

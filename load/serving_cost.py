@@ -23,12 +23,8 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -36,16 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-import psutil
-
 from load.checkpoints import random_bcnn_checkpoint
+from load.cpu_watch import CpuWatch, busy_ms_by_role
+from load.harness import PHOTOS, SERVICE_URL, deploy, production_config, ray_cluster, seed_service, serve_env
 from load.loadgen import Upload, load_uploads, run_load
-from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
-
-ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
-SEED_PORT = 8001
 
 # The roles of which a node runs one process whatever the load: each caps the node at 1000 / its ms per request.
 # (HAProxy and the raylet run a few threads each, but HAProxy's manager is one Python process and the raylet's
@@ -64,103 +54,6 @@ class Node:
     cores: int = 16
     gpu_images_per_s: float = 1693.0
     classifiers_per_gpu: int = 1
-
-
-def role_of(cmdline: list[str]) -> str | None:
-    """The serving role of a process, from its command line (Ray workers set theirs to `ray::<actor>`)."""
-    if not cmdline:
-        return None
-    first = cmdline[0]
-    if first.startswith("ray::ServeReplica:"):
-        return first.rsplit(":", 1)[1]
-    if first.startswith("ray::ProxyActor"):
-        return "Serve proxy"
-    if first.startswith("ray::HAProxyManager") or first.endswith("/haproxy"):
-        return "HAProxy"
-    if first.startswith("ray::ServeController"):
-        return "Serve controller"
-    line = " ".join(cmdline[:4])
-    if "gunicorn" in line and "load.seed_baseline" in " ".join(cmdline):
-        return "2019 design"
-    if first.endswith("/raylet"):
-        return "Ray raylet"
-    if first.endswith("/gcs_server"):
-        return "Ray GCS"
-    if first.startswith(("ray::", "ray-dashboard")) or "/site-packages/ray/" in line or "ray.util.client" in line:
-        return "Ray (other)"
-    return None
-
-
-@dataclass
-class _Seen:
-    role: str
-    first_cpu: float
-    last_cpu: float
-    first_at: float
-    last_at: float
-
-
-class CpuWatch:
-    """Every `interval_s` on a thread of its own, the CPU time (user + system, all threads) of every process with a
-    role. Replicas come and go under autoscaling: a process that exits keeps what it had spent at its last reading,
-    so at most one interval of its CPU is lost, and one that starts counts from its first reading."""
-
-    def __init__(self, interval_s: float = 0.5) -> None:
-        self.interval_s = interval_s
-        self.seen: dict[int, _Seen] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> CpuWatch:
-        self._read()
-        self.started = time.monotonic()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        self._read()
-        self.seconds = time.monotonic() - self.started
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._read()
-
-    def _read(self) -> None:
-        now = time.monotonic()
-        for process in psutil.process_iter(["cmdline", "cpu_times"]):
-            role = role_of(process.info["cmdline"] or [])
-            times = process.info["cpu_times"]
-            if role is None or times is None:
-                continue
-            cpu = times.user + times.system
-            seen = self.seen.get(process.pid)
-            if seen is None:
-                self.seen[process.pid] = _Seen(role, cpu, cpu, now, now)
-            else:
-                seen.last_cpu, seen.last_at = cpu, now
-
-    def idle_rates(self) -> dict[int, float]:
-        """Cores each process used (pid -> CPU seconds per second)."""
-        return {pid: (s.last_cpu - s.first_cpu) / max(s.last_at - s.first_at, 1e-9)
-                for pid, s in self.seen.items() if s.last_at > s.first_at}
-
-
-def busy_ms_by_role(idle: CpuWatch, load: CpuWatch) -> tuple[dict[str, float], dict[str, float]]:
-    """CPU ms each role spent during the load beyond its idle rate, and each role's idle rate in cores. A process
-    with no idle reading (a replica scaled out during the load) is given its role's mean idle rate."""
-    rates = idle.idle_rates()
-    idle_cores: dict[str, float] = defaultdict(float)
-    per_role: dict[str, list[float]] = defaultdict(list)
-    for pid, rate in rates.items():
-        idle_cores[idle.seen[pid].role] += rate
-        per_role[idle.seen[pid].role].append(rate)
-    busy: dict[str, float] = defaultdict(float)
-    for pid, s in load.seen.items():
-        rate = rates.get(pid, statistics.fmean(per_role[s.role]) if per_role[s.role] else 0.0)
-        busy[s.role] += max(0.0, (s.last_cpu - s.first_cpu) - rate * (s.last_at - s.first_at)) * 1000
-    return dict(busy), dict(idle_cores)
 
 
 def measure(url: str, uploads: list[Upload], *, users: int, seconds: float, warmup_s: float, idle_s: float,
@@ -207,32 +100,13 @@ def project(cost: dict[str, Any], node: Node) -> dict[str, Any]:
             "rps": round(caps[limit])}
 
 
-def production_config(checkpoint: str, *, skip_forward: bool) -> dict[str, Any]:
-    """serve_config.yaml on loopback with `checkpoint`, one Classifier replica (one GPU), the forward pass
-    skipped or not."""
-    from load.gpu_profile import production_config as gpu_production_config
-
-    config = gpu_production_config(checkpoint, gpus=1)
-    for d in config["applications"][0]["deployments"]:
-        if d["name"] == "Classifier":
-            d["user_config"]["skip_forward"] = skip_forward
-    return config
-
-
 def our_service(proxy: str, checkpoint: str, uploads: list[Upload], *, users: int, seconds: float,
-                warmup_s: float, idle_s: float, workdir: Path, logical_cpus: int = 16) -> dict[str, Any]:
-    from load.gpu_profile import _deploy
-
-    env = {**os.environ, **SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1" if proxy == "haproxy" else "0"}
-    stop_ray(env, force=True)
-    ensure_auth_token(env)
-    subprocess.run(ray_start_command(num_cpus=logical_cpus, num_gpus=1), env=env, check=True, capture_output=True)
-    try:
-        _deploy(production_config(checkpoint, skip_forward=True), Path(checkpoint).stem, uploads[0], env, workdir)
-        cost = measure("http://127.0.0.1:8000/classify", uploads, users=users, seconds=seconds,
-                       warmup_s=warmup_s, idle_s=idle_s, roles=lambda r: r != "2019 design")
-    finally:
-        stop_ray(env, force=True)
+                warmup_s: float, idle_s: float, logical_cpus: int = 16) -> dict[str, Any]:
+    env = serve_env(proxy)
+    with ray_cluster(env, num_cpus=logical_cpus, num_gpus=1):
+        deploy(production_config(checkpoint, skip_forward=True), env, uploads[0], model_name=Path(checkpoint).stem)
+        cost = measure(SERVICE_URL + "/classify", uploads, users=users, seconds=seconds, warmup_s=warmup_s,
+                       idle_s=idle_s, roles=lambda r: r != "2019 design")
     # Serve's proxy idles beside HAProxy (its fallback), and HAProxy is absent without it.
     cost["request_path"] = [r for r in SERVING_ROLES if r != ("Serve proxy" if proxy == "haproxy" else "HAProxy")]
     return {"proxy": proxy, **cost}
@@ -241,27 +115,9 @@ def our_service(proxy: str, checkpoint: str, uploads: list[Upload], *, users: in
 def seed_design(checkpoint: str, uploads: list[Upload], *, users: int, seconds: float, warmup_s: float,
                 idle_s: float, workers: int) -> dict[str, Any]:
     """The 2019 design with the same model and the forward pass skipped the same way."""
-    command = [*cli("gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
-               "--timeout", "120", "load.seed_baseline.service:app"]
-    env = {**os.environ, "SEED_CHECKPOINT": checkpoint, "SEED_SKIP_FORWARD": "1"}
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{SEED_PORT}/upload/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.post(url, files={"file": ("a.jpg", uploads[0].data)}, timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+    with seed_service(checkpoint, workers, uploads[0], skip_forward=True) as url:
         cost = measure(url, uploads, users=users, seconds=seconds, warmup_s=warmup_s, idle_s=idle_s,
                        roles=lambda r: r == "2019 design")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
     return {"workers": workers, **cost}
 
 
@@ -275,7 +131,7 @@ def run(uploads: list[Upload], *, proxies: Iterable[str] = ("haproxy", "serve"),
     for proxy in proxies:
         print(f"serving cost, ours with {proxy}:", flush=True)
         cost = our_service(proxy, checkpoint, uploads, users=users, seconds=seconds, warmup_s=warmup_s,
-                           idle_s=idle_s, workdir=workdir)
+                           idle_s=idle_s)
         cost["projection"] = project(cost, node)
         report["ours"][proxy] = cost
         print(format_cost(cost), flush=True)

@@ -1,0 +1,196 @@
+"""What the benchmarks share: where the photos and results are, a Ray cluster for one run, deploying a config and
+waiting until it answers, the production file made ready to measure, one load point, the 2019 design as a server,
+and writing results into docs/performance.md. Each benchmark (`bench`, `gpu_profile`, `serving_cost`,
+`overload`, `classifier_profile`) imports from here and never from another benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from load import wrk
+from load.loadgen import Upload, run_load
+from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "load" / "results"
+PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", ROOT.parent / "shared" / "waterbirds" / "photos"))
+PERFORMANCE_PAGE = ROOT / "docs" / "performance.md"
+SERVICE_URL = "http://127.0.0.1:8000"
+SEED_PORT = 8001
+
+
+def serve_env(proxy: str = "haproxy") -> dict[str, str]:
+    """This process's environment with the serving settings, HAProxy or Serve's own proxy in front."""
+    return {**os.environ, **SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1" if proxy == "haproxy" else "0"}
+
+
+@contextmanager
+def ray_cluster(env: dict[str, str], *, num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
+    """A fresh local Ray head for one measurement, stopped (with its HAProxy) afterwards."""
+    stop_ray(env, force=True)
+    ensure_auth_token(env)
+    subprocess.run(ray_start_command(num_cpus=num_cpus, num_gpus=num_gpus), env=env, check=True,
+                   capture_output=True)
+    try:
+        yield
+    finally:
+        stop_ray(env, force=True)
+
+
+def production_config(checkpoint: str, *, classifiers: int = 1, skip_forward: bool = False) -> dict[str, Any]:
+    """serve_config.yaml with HTTP on loopback, the checkpoint, `classifiers` Classifier replicas (one per GPU), the
+    forward pass skipped or not."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["host"] = "127.0.0.1"
+    for d in deployments(config):
+        if d["name"] == "Classifier":
+            d.pop("autoscaling_config", None)
+            d["num_replicas"] = classifiers
+            d["user_config"]["checkpoint"] = checkpoint
+            d["user_config"]["skip_forward"] = skip_forward
+    return config
+
+
+def model_name(checkpoint: str) -> str:
+    """The name a service running `checkpoint` answers with: the registry's for a name in it, else the file's stem."""
+    from bcnn.weights import get_weights
+
+    return get_weights(checkpoint).name if checkpoint == "default" else Path(checkpoint).stem
+
+
+def deployments(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return config["applications"][0]["deployments"]
+
+
+def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(d for d in deployments(config) if d["name"] == name)
+
+
+def deploy(config: dict[str, Any], env: dict[str, str], upload: Upload, *, model_name: str,
+           backend: str | None = None, timeout_s: float = 600) -> str:
+    """`serve deploy`, then wait until the application is RUNNING and answers with `model_name` (right after a
+    deploy that swaps the model, `serve status` can still show the previous one RUNNING) and, where given, runs on
+    `backend`. Returns the backend the Classifiers run."""
+    path = RESULTS / f".deploy-{os.getpid()}-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
+    finally:
+        path.unlink(missing_ok=True)
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        status = yaml.safe_load(subprocess.run([*cli("serve"), "status"], env=env, capture_output=True,
+                                               text=True).stdout or "{}")
+        last = app = (status.get("applications") or {}).get("waterbirds", {})
+        if app.get("status") == "RUNNING":
+            try:
+                response = httpx.post(SERVICE_URL + "/classify", content=upload.data, timeout=60,
+                                      headers={"Content-Type": "image/jpeg"})
+                last = response.text[:300]
+                if response.status_code == 200 and response.json()["model"]["name"] == model_name:
+                    running = httpx.get(SERVICE_URL + "/labels", timeout=30).json()["model"]["backend"]
+                    if backend in (None, "auto", running):
+                        return str(running)
+            except httpx.HTTPError as e:
+                last = e
+        time.sleep(1)
+    raise TimeoutError(f"the application did not answer with {model_name} in {timeout_s:g} s; last: {last}")
+
+
+def load_point(url: str, uploads: list[Upload], users: int, seconds: float, *, generator: str = "python",
+               photos: Path = PHOTOS, field_name: str = "file") -> dict[str, Any]:
+    """A short warm-up of every replica, then `users` closed-loop users for `seconds`: the load generator's summary
+    (statuses, rate, latency) with its own CPU. `generator`: `python` (`load.loadgen`, in this process) or `wrk`
+    (`load.wrk`, compiled, for rates a Python process on the same cores could not drive)."""
+    asyncio.run(run_load(url, uploads, users=min(users, 8), seconds=3, field_name=field_name))
+    if generator == "wrk":
+        summary = wrk.run(url, photos, users=users, seconds=seconds, field_name=field_name)
+    else:
+        cpu = time.process_time()
+        result = asyncio.run(run_load(url, uploads, users=users, seconds=seconds, timeout_s=120,
+                                      field_name=field_name))
+        cpu = time.process_time() - cpu  # this process: the service's replicas are others
+        summary = {**result.summary(), "generator": "python",
+                   "generator_cpu_cores": round(cpu / max(result.seconds, 1e-9), 3),
+                   "generator_cpu_ms_per_request": round(cpu * 1000 / max(len(result.outcomes), 1), 4)}
+    summary["lost"] = summary["statuses"].get("0", 0)  # no HTTP answer at all
+    print(f"  {users:>4} users: {summary['throughput_rps']:7.2f} req/s  p50 {summary['latency_ms_p50']:8.1f} ms  "
+          f"p99 {summary['latency_ms_p99']:8.1f} ms  {summary['statuses']}  ({summary['generator']}: "
+          f"{summary['generator_cpu_cores']} cores)", flush=True)
+    return summary
+
+
+@contextmanager
+def seed_service(checkpoint: str, workers: int, upload: Upload, *, skip_forward: bool = False) -> Iterator[str]:
+    """The 2019 design (Flask + `gunicorn -w <workers>`) with `checkpoint`, once it answers `upload`; yields its
+    upload URL."""
+    command = [*cli("gunicorn"), "-w", str(workers), "-b", f"127.0.0.1:{SEED_PORT}", "--backlog", "2048",
+               "--timeout", "120", "load.seed_baseline.service:app"]
+    env = {**os.environ, "SEED_CHECKPOINT": checkpoint, "SEED_SKIP_FORWARD": "1" if skip_forward else "0"}
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{SEED_PORT}/upload/"
+    try:
+        _wait_for_seed(url, upload, server)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def _wait_for_seed(url: str, upload: Upload, server: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            response = httpx.post(url, files={"file": (upload.name, upload.data)}, timeout=30)
+            if response.status_code == 200:
+                return
+            last = response.text[:300]
+        except httpx.HTTPError as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"the 2019 design did not answer within {timeout_s:g} s (exit {server.poll()}); last: {last}")
+
+
+def finish_plot(fig: Any, left_label: str, right_label: str, title: str, path: Path) -> None:
+    """The profiles' plots: throughput (left) and latency (right, log) against concurrent users (log)."""
+    import matplotlib.pyplot as plt
+
+    left, right = fig.axes
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("concurrent users")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    left.set_ylabel(left_label)
+    right.set_ylabel(right_label)
+    right.set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_doc_section(markers: tuple[str, str], text: str, page: Path = PERFORMANCE_PAGE) -> None:
+    """Write `text` between the two markers in a documentation page (left alone where they are missing). Paths in
+    it are relative to the page's folder."""
+    content = page.read_text()
+    start, end = markers
+    if start in content and end in content:
+        head, _, rest = content.partition(start)
+        _, _, tail = rest.partition(end)
+        page.write_text(f"{head}{start}\n{text}\n{end}{tail}")
