@@ -3,6 +3,10 @@
 Both take uint8 images [N, 3, H, W] and return float32 logits [N, C] on the CPU. `auto` is ONNX Runtime on the
 CPU, where `python -m bcnn bench` measured it faster for every model and batch size we serve (docs/model.md,
 "Backends"), and PyTorch on CUDA (half precision, float32 head) until a GPU run shows otherwise.
+
+A server keeps a device busy with `launch`: it stages a batch and queues its forward pass, and returns at once where
+the device works on its own (CUDA), so that the next batch can be staged while this one computes; `wait()` on what
+it returns blocks, holding no GIL, until the logits are on the host. On the CPU `launch` computes them there and then.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import contextlib
 import importlib.util
 import logging
 import os
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,10 +34,38 @@ BackendName = Literal["auto", "torch", "onnxruntime"]
 BACKENDS: tuple[BackendName, ...] = ("auto", "torch", "onnxruntime")
 
 
+class InFlight(Protocol):
+    def wait(self) -> Tensor:
+        """Blocks, holding no GIL, until the batch's float32 logits [N, C] are on the host."""
+        ...
+
+
 class Backend(Protocol):
     name: str
 
     def __call__(self, images: Tensor) -> Tensor: ...
+
+    def launch(self, batches: Sequence[np.ndarray]) -> InFlight:
+        """The forward pass of uint8 [n, H, W, 3] arrays (channels last, as the preprocessing writes them), as one
+        batch in their order."""
+        ...
+
+
+class Computed:
+    """A batch whose logits were computed when it was launched (a backend on the CPU)."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self._logits = logits
+
+    def wait(self) -> Tensor:
+        return self._logits
+
+
+def channels_last_batch(batches: Sequence[np.ndarray]) -> Tensor:
+    """uint8 [n, H, W, 3] arrays as one uint8 [N, 3, H, W] tensor laid out channels last (one copy where several)."""
+    tensors = [torch.from_numpy(b) for b in batches]
+    images = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    return images.permute(0, 3, 1, 2)
 
 
 class TorchBackend:
@@ -41,6 +76,12 @@ class TorchBackend:
         self.threads = threads
         memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
         self.model = model.to(device, memory_format=memory_format)
+        self._staging = _CudaStaging(device) if device.type == "cuda" else None
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
@@ -49,12 +90,101 @@ class TorchBackend:
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # OpenMP's thread count belongs to the calling thread
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            autocast: contextlib.AbstractContextManager[object] = torch.autocast("cuda", dtype=torch.float16)
-        else:
-            autocast = contextlib.nullcontext()
-        with autocast:
+        with self._autocast():
             return self.model(images).float().cpu()
+
+    @torch.inference_mode()
+    def launch(self, batches: Sequence[np.ndarray]) -> InFlight:
+        if self._staging is None:
+            return Computed(self(channels_last_batch(batches)))
+        slot = self._staging.stage(batches)
+        try:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(slot.copied)
+            with self._autocast():
+                logits = self.model(slot.images)
+            slot.logits_buffer(logits.shape[1]).copy_(logits.float(), non_blocking=True)
+            slot.done.record(compute)
+        except BaseException:
+            self._staging.release(slot)
+            raise
+        return _CudaInFlight(self._staging, slot)
+
+
+class _Slot:
+    """One batch's buffers on a CUDA device: pinned host memory the batch is staged in, its copy on the device, and
+    pinned host memory the logits come back to; events mark the copy in and the whole pass done."""
+
+    def __init__(self, device: torch.device, capacity: int, side: int) -> None:
+        self.capacity, self.side = capacity, side
+        self.host = torch.empty((capacity, side, side, 3), dtype=torch.uint8, pin_memory=True)
+        self.device_images = torch.empty((capacity, side, side, 3), dtype=torch.uint8, device=device)
+        self.host_logits = torch.empty(0, pin_memory=True)
+        self.copied = torch.cuda.Event()
+        self.done = torch.cuda.Event()
+        self.n = 0
+
+    def fits(self, n: int, side: int) -> bool:
+        return n <= self.capacity and side == self.side
+
+    @property
+    def images(self) -> Tensor:
+        """The staged batch on the device, uint8 [n, 3, H, W] channels last."""
+        return self.device_images[:self.n].permute(0, 3, 1, 2)
+
+    @property
+    def logits(self) -> Tensor:
+        return self.host_logits[:self.n]
+
+    def logits_buffer(self, classes: int) -> Tensor:
+        if self.host_logits.shape != (self.capacity, classes):
+            self.host_logits = torch.empty((self.capacity, classes), dtype=torch.float32, pin_memory=True)
+        return self.logits
+
+
+class _CudaStaging:
+    """Reused slots, as many as batches are in flight at once: a batch is copied once, from the preprocessors' arrays
+    into pinned memory, and from there to the device on a stream of its own, so the copy overlaps the forward pass
+    of the batch before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device)
+        self._free: list[_Slot] = []
+        self._lock = threading.Lock()
+
+    def stage(self, batches: Sequence[np.ndarray]) -> _Slot:
+        n, side = sum(len(b) for b in batches), batches[0].shape[1]
+        with self._lock:
+            slot = self._free.pop() if self._free else None
+        if slot is None or not slot.fits(n, side):
+            capacity = max(n, slot.capacity if slot is not None and slot.side == side else 0)
+            slot = _Slot(self.device, 1 << (capacity - 1).bit_length(), side)  # a power of two: few reallocations
+        slot.n = n
+        offset = 0
+        for b in batches:
+            slot.host[offset:offset + len(b)].copy_(torch.from_numpy(b))
+            offset += len(b)
+        with torch.cuda.stream(self.copy_stream):
+            slot.device_images[:n].copy_(slot.host[:n], non_blocking=True)
+            slot.copied.record(self.copy_stream)
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
+class _CudaInFlight:
+    def __init__(self, staging: _CudaStaging, slot: _Slot) -> None:
+        self._staging, self._slot = staging, slot
+
+    def wait(self) -> Tensor:
+        try:
+            self._slot.done.synchronize()  # releases the GIL while it waits
+            return self._slot.logits.clone()  # the slot's memory goes to the next batch
+        finally:
+            self._staging.release(self._slot)
 
 
 class OnnxRuntimeBackend:
@@ -68,6 +198,9 @@ class OnnxRuntimeBackend:
     def __call__(self, images: Tensor) -> Tensor:
         pixels = images.cpu().contiguous().numpy()  # ONNX Runtime wants NCHW laid out as such
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0])  # type: ignore[attr-defined]
+
+    def launch(self, batches: Sequence[np.ndarray]) -> InFlight:
+        return Computed(self(channels_last_batch(batches)))
 
 
 def onnxruntime_available() -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from bcnn.allocator import keep_freed_memory
-from bcnn.backends import BackendName, build_backend
+from bcnn.backends import Backend, BackendName, InFlight, build_backend
 from bcnn.weights import DEFAULT_WATERBIRD_THRESHOLD, Weights
 
 
@@ -68,16 +68,19 @@ class Predictor:
     """A loaded model plus what turns its logits into answers. Build once, call per batch."""
 
     def __init__(self, weights: Weights, *, device: str | torch.device | None = None,
-                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD, backend: BackendName = "auto",
+                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD, backend: BackendName | Backend = "auto",
                  threads: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> None:
-        """`backend`: where the forward pass runs (`bcnn.backends`); `threads`: its intra-op threads (None: the
-        calling thread's torch setting); `cache_dir`: where ONNX Runtime's exported files are kept."""
+        """`backend`: where the forward pass runs, by name (`bcnn.backends`) or built (a `SimulatedDevice`);
+        `threads`: its intra-op threads (None: the calling thread's torch setting); `cache_dir`: where ONNX
+        Runtime's exported files are kept."""
         keep_freed_memory()  # once per process: every forward pass reuses its buffers (bcnn/allocator.py)
         self.weights = weights
         self.device = pick_device(str(device) if device else None)
         self.threshold = threshold
-        self.backend = build_backend(weights, device=self.device, backend=backend, threads=threads,
-                                     cache_dir=cache_dir)
+        if isinstance(backend, str):
+            backend = build_backend(weights, device=self.device, backend=backend, threads=threads,
+                                    cache_dir=cache_dir)
+        self.backend = backend
         self.labels = weights.labels
         answer = weights.answer_indices or range(len(weights.categories))
         self._answer_index = torch.tensor(list(answer), dtype=torch.long)
@@ -85,6 +88,11 @@ class Predictor:
     def logits(self, images: Tensor) -> Tensor:
         """uint8 [N, 3, H, W] on any device -> float32 logits [N, C] on the CPU."""
         return self.backend(images)
+
+    def launch(self, batches: Sequence[np.ndarray]) -> InFlight:
+        """The forward pass of uint8 [n, H, W, 3] arrays as one batch, queued where the device works on its own;
+        `.wait()` on the result gives the logits (`bcnn.backends`)."""
+        return self.backend.launch(batches)
 
     def warm_up(self, max_batch_size: int = 1) -> tuple[int, ...]:
         """One forward pass per batch size the model will see, before it takes traffic; call it on the thread
@@ -97,7 +105,7 @@ class Predictor:
             sizes = tuple(sorted({*(2**i for i in range(max_batch_size.bit_length())), max_batch_size}))
         side = self.weights.preprocess.crop_size
         for n in sizes:
-            self.logits(torch.zeros(n, 3, side, side, dtype=torch.uint8))  # .cpu() waits for the GPU
+            self.launch([np.zeros((n, side, side, 3), dtype=np.uint8)]).wait()  # the path a server takes
         return sizes
 
     def rank(self, logits: Tensor, top_k: int = 5) -> Ranked:

@@ -6,18 +6,22 @@ import asyncio
 import itertools
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 from ray import serve
 
 from bcnn.predict import Predictor
-from bcnn.weights import get_weights
-from deployments.config import ClassifierConfig
+from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
+from bcnn.weights import Weights, get_weights
+from deployments.config import ClassifierConfig, SimulatedDeviceConfig
 from deployments.messages import ModelCard, PreparedBatch, ScoredBatch, Scores
 from deployments.metrics import GAUGE_REFRESH_S, ClassifierMetrics
 from deployments.threads import DedicatedThread
@@ -25,7 +29,7 @@ from deployments.threads import DedicatedThread
 log = logging.getLogger("ray.serve")
 
 # A change of any of these builds a new Predictor beside the old one (ONNX Runtime fixes its threads per session).
-_MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads")
+_MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads", "simulated_device")
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,10 @@ class Classifier:
         start = time.perf_counter()
         try:
             weights = get_weights(config.checkpoint, classes_file=config.classes_file)
+            backend = simulated_device(weights, config.simulated_device) if config.simulated_device else config.backend
             # Built off the inference thread, which keeps answering with the old model meanwhile; warmed up on it.
             predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold,
-                                                backend=config.backend, threads=config.threads)
+                                                backend=backend, threads=config.threads)
             sizes = await self._inference.run(predictor.warm_up, config.max_batch_size)
         except Exception as e:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
@@ -154,6 +159,19 @@ class Classifier:
     def check_health(self) -> None:
         if self.predictor is None:
             raise RuntimeError(self.load_error or "the model is not loaded")
+
+
+def simulated_device(weights: Weights, config: SimulatedDeviceConfig) -> SimulatedDevice:
+    """A simulated GPU whose timeline every replica given the same GPU of the same node shares (Ray's fractional
+    GPUs); a replica given no GPU has one of its own."""
+    gpus = ray.get_gpu_ids()
+    timeline = Timeline()
+    if gpus:
+        node = ray.get_runtime_context().get_node_id()
+        timeline = Timeline(Path(tempfile.gettempdir()) / "waterbirds-simulated-device" /
+                            f"{node}-gpu{'-'.join(map(str, gpus))}")
+    timing = DeviceTiming(config.fixed_ms, config.per_image_ms, config.time_scale)
+    return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, timing, timeline)
 
 
 def _fit(images: torch.Tensor, size: int) -> torch.Tensor:

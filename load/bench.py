@@ -287,15 +287,20 @@ def cost_section(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     profile = argparse.ArgumentParser(add_help=False)
-    profile.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    profile.add_argument("--profile", choices=("cpu", "gpu", "classifier"), default="cpu")
     chosen, rest = profile.parse_known_args(argv)
     if chosen.profile == "gpu":
         from load import gpu_profile
 
         return gpu_profile.main(rest)
+    if chosen.profile == "classifier":
+        from load import classifier_profile
+
+        return classifier_profile.main(rest)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=("cpu", "gpu"), default="cpu",
-                        help="gpu: the production file on a GPU machine (python -m load.bench --profile gpu --help)")
+    parser.add_argument("--profile", choices=("cpu", "gpu", "classifier"), default="cpu",
+                        help="gpu: the production file on a GPU machine (python -m load.bench --profile gpu --help); "
+                             "classifier: the Classifier alone against its device, real or simulated")
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per point")
     parser.add_argument("--users", default=",".join(map(str, USERS)))
     parser.add_argument("--seed-workers", type=int, default=len(os.sched_getaffinity(0)),

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -36,6 +34,7 @@ from typing import Any
 import httpx
 
 from load import harness, wrk
+from load.bare_model import in_subprocess, model_rates
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -109,27 +108,6 @@ def _nvml_handles() -> list[Any]:
         return []
 
 
-def _model_rates(checkpoint: str, batch_sizes: tuple[int, ...], seconds: float) -> dict[str, float]:
-    """Runs in a process of its own, so the GPU memory it takes is given back before the service starts."""
-    import torch
-
-    from bcnn.predict import Predictor
-    from bcnn.weights import get_weights
-
-    predictor = Predictor(get_weights(checkpoint))
-    side = predictor.weights.preprocess.crop_size
-    rates = {}
-    for n in batch_sizes:
-        images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8)
-        predictor.logits(images)  # warm up this size
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            predictor.logits(images)  # returns on the CPU, so the GPU has finished
-            done += n
-        rates[str(n)] = round(done / (time.perf_counter() - start), 1)
-    return rates
-
-
 def _decode_rate(uploads: list[Upload], checkpoint: str, seconds: float) -> float:
     """Images per second that one core turns from upload bytes into the model's uint8 input."""
     import torch
@@ -146,15 +124,10 @@ def _decode_rate(uploads: list[Upload], checkpoint: str, seconds: float) -> floa
     return round(done / (time.perf_counter() - start), 1)
 
 
-def _in_subprocess(fn: Any, *args: Any) -> Any:
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def limits(uploads: list[Upload], checkpoint: str, batch_sizes: tuple[int, ...], seconds: float,
            cores: int) -> dict[str, Any]:
-    rates = _in_subprocess(_model_rates, checkpoint, batch_sizes, seconds)
-    per_core = _in_subprocess(_decode_rate, uploads, checkpoint, seconds)
+    rates = in_subprocess(model_rates, checkpoint, batch_sizes, seconds)
+    per_core = in_subprocess(_decode_rate, uploads, checkpoint, seconds)
     best = max(rates.values())
     print(f"  bare model per batch size: {rates} img/s; decoding: {per_core} img/s per core x {cores}", flush=True)
     return {"model_images_per_s": rates, "model_best": best, "decode_per_core": per_core,

@@ -1,0 +1,213 @@
+"""`python -m load.bench --profile classifier`: the Classifier deployment alone, fed as a GPU node feeds it, against
+what its device could do.
+
+1. Ray with one GPU: the real one, or, where torch sees none, one logical GPU and the simulated device
+   (`bcnn.simulated_device`, the H200's timing by default, slowed by `--time-scale` so that this machine's CPU can
+   keep it busy);
+2. the Classifier deployed alone with the production settings of `serve_config.yaml` (one replica per GPU, or
+   several sharing it with `--classifiers-per-gpu`), a VGG16-BCNN at 448 with random weights;
+3. ready-made batches as the Preprocessors send them: the shared photos decoded to 448 with the model's
+   preprocessing, in batches of the ingress's `max_batch_size`, each put once into Ray's object store and passed by
+   reference (the production path, `pixels_by_reference`), no HTTP;
+4. `--callers` concurrent callers (the ingress replicas' batches in flight), each sending its next batch as soon as
+   the last is answered, for `--seconds`.
+
+It reports the images per second answered, what the device could do at the batch sizes it was given
+(`device_limit_images_per_s`: on the simulated device its timing; on a GPU the bare model's, fitted as
+`a + b x n` from two batch sizes), their ratio (the device's busy fraction), the batch sizes, and the CPU per image
+of the Classifier process and of this driver. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from load import harness
+from load.checkpoints import random_bcnn_checkpoint
+from load.cpu_watch import CpuWatch, busy_ms_by_role
+
+APP = "classifier-profile"
+
+
+def _batches(photos: Path, checkpoint: str, batch_size: int, count: int) -> list[Any]:
+    """`count` batches of `batch_size` decoded photos, as `PreparedBatch`es."""
+    import numpy as np
+
+    from bcnn.preprocess import load_image
+    from bcnn.weights import get_weights
+    from deployments.messages import PreparedBatch
+    from load.loadgen import load_uploads
+
+    preprocess = get_weights(checkpoint).preprocess
+    images = [load_image(u.data, preprocess).pixels for u in load_uploads(photos, limit=batch_size * count)]
+    batches = []
+    for start in range(0, len(images) - batch_size + 1, batch_size):
+        ids = tuple(f"profile-{start + i}" for i in range(batch_size))
+        batches.append(PreparedBatch(np.stack(images[start:start + batch_size]), (1.0,) * batch_size, {}, ids))
+    return batches
+
+
+def _fit_device(checkpoint: str, sizes: tuple[int, int] = (8, 64), seconds: float = 3.0) -> dict[str, float]:
+    """The real GPU's time per batch as `a + b x n` ms, from the bare model at two batch sizes (in a process of its
+    own, which gives its GPU memory back)."""
+    from load.bare_model import in_subprocess, model_rates
+
+    rates = in_subprocess(model_rates, checkpoint, sizes, seconds)
+    (n1, r1), (n2, r2) = ((n, rates[str(n)]) for n in sizes)
+    ms1, ms2 = 1000 * n1 / r1, 1000 * n2 / r2
+    per_image = (ms2 - ms1) / (n2 - n1)
+    return {"fixed_ms": round(ms1 - per_image * n1, 3), "per_image_ms": round(per_image, 4), "time_scale": 1.0,
+            "bare_model_images_per_s": rates}
+
+
+def _deploy(checkpoint: str, classifiers: int, simulated: dict[str, float] | None) -> Any:
+    """The Classifier alone, as serve_config.yaml deploys it, one replica per GPU (or several sharing it)."""
+    import yaml
+    from ray import serve
+
+    from deployments.classifier import Classifier
+
+    settings = harness.deployment(yaml.safe_load((harness.ROOT / "serve_config.yaml").read_text()), "Classifier")
+    user_config = {**settings["user_config"], "checkpoint": checkpoint}
+    if simulated is not None:
+        user_config["simulated_device"] = simulated
+    actor_options = {**settings["ray_actor_options"], "num_gpus": round(1 / classifiers, 3)}
+    app = Classifier.options(num_replicas=classifiers, max_ongoing_requests=settings["max_ongoing_requests"],
+                             max_queued_requests=settings["max_queued_requests"], ray_actor_options=actor_options,
+                             user_config=user_config).bind()
+    return serve.run(app, name=APP, route_prefix=None)
+
+
+async def _drive(handle: Any, refs: list[Any], *, callers: int, seconds: float, top_k: int = 5) -> dict[str, Any]:
+    """Closed-loop callers, each sending the next batch when the last is answered; per answered part of a batch,
+    its images and the size of the forward pass it went through."""
+    handle = handle.options(_by_reference=True)
+    parts: list[tuple[int, int]] = []
+    deadline = time.monotonic() + seconds
+
+    async def caller(index: int) -> None:
+        i = index
+        while time.monotonic() < deadline:
+            scored = await handle.remote(refs[i % len(refs)], top_k)
+            parts.extend((len(s.ranked), s.batch_size) for s in scored.scores)
+            i += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    return {"seconds": time.monotonic() - start, "parts": parts}
+
+
+async def _measure(handle: Any, refs: list[Any], args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float],
+                                                                                 float]:
+    """A warm-up, the replicas' idle CPU, then the measured load with every role's CPU and this driver's. (One event
+    loop for all: a deployment handle keeps to the loop it was first used on.)"""
+    await _drive(handle, refs, callers=args.callers, seconds=args.warmup)
+    with CpuWatch() as idle:
+        await asyncio.sleep(args.idle)
+    driver_cpu = time.process_time()
+    with CpuWatch() as watch:
+        driven = await _drive(handle, refs, callers=args.callers, seconds=args.seconds)
+    driver_cpu = time.process_time() - driver_cpu
+    busy, _ = busy_ms_by_role(idle, watch)
+    return driven, busy, driver_cpu
+
+
+def _device_seconds(parts: list[tuple[int, int]], timing: dict[str, float]) -> float:
+    """The device's busy time for the forward passes seen: each pass of n images takes a + b x n, shared among the
+    callers' parts of it by their images."""
+    from bcnn.simulated_device import DeviceTiming
+
+    device = DeviceTiming(timing["fixed_ms"], timing["per_image_ms"], timing["time_scale"])
+    return sum(images / n * device.seconds(n) for images, n in parts)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    env = harness.serve_env()
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})  # read when Ray is imported
+    import ray
+    import torch
+    from ray import serve
+
+    gpu = torch.cuda.is_available() and not args.simulate
+    workdir = Path(tempfile.mkdtemp(prefix="classifier-profile-"))
+    checkpoint = str(random_bcnn_checkpoint(workdir / "vgg16-bcnn.pt", num_classes=200, input_size=args.input_size))
+    timing = _fit_device(checkpoint) if gpu else {"fixed_ms": args.fixed_ms, "per_image_ms": args.per_image_ms,
+                                                 "time_scale": args.time_scale}
+    batches = _batches(args.photos, checkpoint, args.batch_size, args.distinct_batches)
+    print(f"{len(batches)} batches of {args.batch_size} images at {args.input_size}; device: "
+          f"{'the GPU' if gpu else 'simulated'} {timing}", flush=True)
+    with harness.ray_cluster(env, num_cpus=args.logical_cpus, num_gpus=None if gpu else 1):
+        ray.init(address="auto", logging_level="ERROR")
+        try:
+            handle = _deploy(checkpoint, args.classifiers_per_gpu,
+                             None if gpu else {k: timing[k] for k in ("fixed_ms", "per_image_ms", "time_scale")})
+            refs = [ray.put(b) for b in batches]
+            driven, busy, driver_cpu = asyncio.run(_measure(handle, refs, args))
+            serve.delete(APP)
+        finally:
+            ray.shutdown()
+    parts, seconds = driven["parts"], driven["seconds"]
+    images = sum(n for n, _ in parts)
+    device_s = _device_seconds(parts, timing)
+    passes: Counter[int] = Counter()  # forward passes by size: each part of n images is images/n of its pass
+    for part_images, n in parts:
+        passes[n] += part_images / n
+    report = {
+        "device": "gpu" if gpu else "simulated", "timing": timing, "input_size": args.input_size,
+        "callers": args.callers, "batch_size": args.batch_size, "classifiers_per_gpu": args.classifiers_per_gpu,
+        "seconds": round(seconds, 2), "images": images,
+        "images_per_s": round(images / seconds, 1),
+        "device_limit_images_per_s": round(images / device_s, 1) if device_s else None,
+        "device_busy": round(device_s / seconds, 3),
+        "forward_passes": round(sum(passes.values())),
+        "forward_pass_images_mean": round(images / max(sum(passes.values()), 1e-9), 1),
+        "forward_passes_by_size": {str(n): round(c) for n, c in sorted(passes.items())},
+        "classifier_cpu_ms_per_image": round(busy.get("Classifier", 0.0) / max(images, 1), 3),
+        "driver_cpu_ms_per_image": round(driver_cpu * 1000 / max(images, 1), 3),
+        "driver_cpu_cores": round(driver_cpu / seconds, 3),
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m load.bench --profile classifier", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--idle", type=float, default=3.0, help="idle CPU measured before the load, subtracted")
+    parser.add_argument("--callers", type=int, default=32, help="batches in flight (ingress replicas x 4)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per call (the ingress's max_batch_size)")
+    parser.add_argument("--distinct-batches", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=448)
+    parser.add_argument("--classifiers-per-gpu", type=int, default=1)
+    parser.add_argument("--simulate", action="store_true", help="the simulated device even where there is a GPU")
+    parser.add_argument("--fixed-ms", type=float, default=1.6, help="simulated device: ms per forward pass")
+    parser.add_argument("--per-image-ms", type=float, default=0.55, help="simulated device: and per image")
+    parser.add_argument("--time-scale", type=float, default=4.0,
+                        help="simulated device: this many times slower than the H200 (default 4: a 2-core machine "
+                             "feeds it)")
+    parser.add_argument("--logical-cpus", type=int, default=16)
+    parser.add_argument("--photos", type=Path, default=harness.PHOTOS)
+    parser.add_argument("--out", type=Path, help="write the report as JSON here too")
+    args = parser.parse_args(argv)
+    if not args.photos.is_dir():
+        parser.error(f"no photos at {args.photos}; set WATERBIRD_PHOTOS to a folder of JPEGs")
+    report = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
