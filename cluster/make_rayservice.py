@@ -110,8 +110,8 @@ def rayservice(serve_config: dict[str, Any]) -> dict[str, Any]:
                                        probe=True)]}},
                     },
                     {
-                        # One Classifier per GPU pod, 1-8 as in serve_config.yaml; for a replica on each of two
-                        # pods at all times, raise both minimums to 2.
+                        # One Classifier per GPU pod, 1-8 as in serve_config.yaml (one pipelined replica kept a
+                        # GPU busier than two sharing it); for a replica on each of two pods, raise both minimums.
                         "groupName": "gpu",
                         "replicas": 1, "minReplicas": 1, "maxReplicas": 8,
                         "rayStartParams": {"metrics-export-port": "8080"},

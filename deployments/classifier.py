@@ -8,6 +8,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
-from bcnn.predict import Predictor
+from bcnn.predict import Predictor, Ranked
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
 from bcnn.weights import Weights, get_weights
 from deployments.config import ClassifierConfig, SimulatedDeviceConfig
@@ -28,6 +29,9 @@ from deployments.threads import DedicatedThread
 
 log = logging.getLogger("ray.serve")
 
+# Batches the Classifier works on at once: one computing on the device, one staged and queued behind it so the device
+# never waits for the host, one being ranked and answered (docs/performance.md, "The Classifier alone").
+BATCHES_IN_FLIGHT = 3
 # A change of any of these builds a new Predictor beside the old one (ONNX Runtime fixes its threads per session).
 _MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads", "simulated_device")
 
@@ -53,9 +57,11 @@ class Classifier:
         self.config: ClassifierConfig | None = None
         self.predictor: Predictor | None = None
         self.load_error: str | None = None
-        # Forward passes run on one thread of their own: the event loop stays free to gather the next batch
-        # and answer health checks meanwhile, and torch's thread settings (per calling thread) stick.
+        # Batches are staged and their forward passes queued on one thread of their own (torch's thread settings
+        # and CUDA's per-thread state stick); the waits for the device, and the ranking, on another. The event loop
+        # stays free to gather the next batches and answer health checks meanwhile.
         self._inference = DedicatedThread("inference")
+        self._completion = DedicatedThread("completion")
         self.metrics = ClassifierMetrics()
         self._gauges: asyncio.Task[None] | None = None
         if torch.cuda.is_available():
@@ -129,27 +135,36 @@ class Classifier:
         log.info("classified %d of %d uploads", len(batch.pixels), batch.size, extra={"request_ids": batch.request_ids})
         return ScoredBatch(list(scores), batch.preprocess_ms, batch.rejected)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_count_images)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_count_images,
+                 max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _classify_batch(self, parts: list[_Images]) -> list[Scores]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
         config = self.config
         assert config is not None
         size = predictor.weights.preprocess.crop_size
-        fitted = [_fit(torch.from_numpy(p.pixels).permute(0, 3, 1, 2), size) for p in parts]  # channels last
-        images = torch.cat(fitted) if len(fitted) > 1 else fitted[0]
+        pixels = [_fit(p.pixels, size) for p in parts]
+        images = sum(len(p) for p in pixels)
+        top_k = max(p.top_k for p in parts)
         start = time.perf_counter()
         if config.skip_forward:
-            logits = torch.zeros(len(images), len(predictor.weights.categories))
+            ranked = predictor.rank(torch.zeros(images, len(predictor.weights.categories)), top_k)
         else:
-            logits = await self._inference.run(predictor.logits, images)
+            ranked = await asyncio.wrap_future(await self._inference.run(self._launch, predictor, pixels, top_k))
         inference_ms = (time.perf_counter() - start) * 1000
         self.metrics.latency.observe(inference_ms)
-        self.metrics.batch_size.observe(len(images))
+        self.metrics.batch_size.observe(images)
         weights = predictor.weights
-        ranked = predictor.rank(logits, top_k=max(p.top_k for p in parts))
         ends = list(itertools.accumulate(len(p.pixels) for p in parts))
         return [Scores(ranked[end - len(p.pixels):end], predictor.labels, weights.name, weights.version,
-                       inference_ms, len(images)) for p, end in zip(parts, ends, strict=True)]
+                       inference_ms, images) for p, end in zip(parts, ends, strict=True)]
+
+    def _launch(self, predictor: Predictor, pixels: list[np.ndarray], top_k: int) -> Future[Ranked]:
+        """On the inference thread: stage the batch and queue its forward pass, then hand the wait for the device
+        and the ranking to the completion thread, so that the next batch is staged and queued meanwhile. Chained
+        here rather than from the event loop, so that a batch launched is always waited for (its staging memory
+        freed) even if its caller is gone."""
+        in_flight = predictor.launch(pixels)
+        return self._completion.submit(lambda: predictor.rank(in_flight.wait(), top_k))
 
     def _require_model(self) -> Predictor:
         if self.predictor is None:
@@ -174,9 +189,10 @@ def simulated_device(weights: Weights, config: SimulatedDeviceConfig) -> Simulat
     return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, timing, timeline)
 
 
-def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Only during a swap to a model with another input size can images arrive at the old size."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
-    return resized.round().clamp(0, 255).to(torch.uint8)
+def _fit(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [n, H, W, 3]. Only during a swap to a model with another input size can images arrive at the old size."""
+    if pixels.shape[1] == size and pixels.shape[2] == size:
+        return pixels
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -45,7 +45,8 @@ class PreprocessorMetrics:
 
 class ClassifierMetrics:
     def __init__(self) -> None:
-        self.latency = Histogram("waterbirds_inference_latency_ms", description="Forward pass of one batch, ms",
+        self.latency = Histogram("waterbirds_inference_latency_ms", description="Forward pass of one batch, from "
+                                 "staging to ranked answers (the wait behind the pass before it included), ms",
                                  boundaries=LATENCY_MS)
         self.batch_size = Histogram("waterbirds_batch_size", description="Images per forward pass",
                                     boundaries=BATCH_SIZES)

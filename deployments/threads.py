@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -24,5 +24,8 @@ class DedicatedThread:
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
         """`fn(*args)` on the thread, in the caller's context (Serve's request ids in its log lines)."""
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, fn, *args)
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> Future[_T]:
+        """`fn(*args)` queued on the thread, in the caller's context; from any thread."""
+        return self._executor.submit(contextvars.copy_context().run, fn, *args)

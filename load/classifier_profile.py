@@ -135,7 +135,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})  # read when Ray is imported
     import ray
     import torch
-    from ray import serve
 
     gpu = torch.cuda.is_available() and not args.simulate
     workdir = Path(tempfile.mkdtemp(prefix="classifier-profile-"))
@@ -152,9 +151,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              None if gpu else {k: timing[k] for k in ("fixed_ms", "per_image_ms", "time_scale")})
             refs = [ray.put(b) for b in batches]
             driven, busy, driver_cpu = asyncio.run(_measure(handle, refs, args))
-            serve.delete(APP)
         finally:
-            ray.shutdown()
+            ray.shutdown()  # and the cluster with it: nothing to delete first
     parts, seconds = driven["parts"], driven["seconds"]
     images = sum(n for n, _ in parts)
     device_s = _device_seconds(parts, timing)

@@ -18,7 +18,8 @@ def role_of(cmdline: list[str]) -> str | None:
         return None
     first = cmdline[0]
     if first.startswith("ray::ServeReplica:"):
-        return first.rsplit(":", 1)[1]
+        # `ray::ServeReplica:<app>:<deployment>`, with `.<method>` while it runs an actor task other than requests
+        return first.rsplit(":", 1)[1].split(".", 1)[0]
     if first.startswith("ray::ProxyActor"):
         return "Serve proxy"
     if first.startswith("ray::HAProxyManager") or first.endswith("/haproxy"):

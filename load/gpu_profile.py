@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -136,7 +137,9 @@ def limits(uploads: list[Upload], checkpoint: str, batch_sizes: tuple[int, ...],
 
 def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int, ...], seconds: float,
                 warmup_s: float, cooldown_s: float, classifiers: int, gpus: int, cpus: int | None,
-                env: dict[str, str], generator: str) -> dict[str, Any]:
+                env: dict[str, str], generator: str, py_spy_users: int | None = None,
+                out: Path = harness.RESULTS) -> dict[str, Any]:
+    """The production file at each point; with `py_spy_users`, the Classifier processes profiled at that point."""
     url = harness.SERVICE_URL + "/classify"
     results: dict[str, Any] = {}
     with harness.ray_cluster(env, num_cpus=cpus, num_gpus=gpus), Sampler() as sampler:
@@ -154,8 +157,13 @@ def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int,
             points = {}
             for u in users:
                 sampler.phase = f"{name}:{u}"
-                points[str(u)] = {**harness.load_point(url, uploads, u, seconds, generator=generator),
-                                  **sampler.of(sampler.phase)}
+                profiling = (harness.py_spy_record("Classifier", seconds + 3, out, f"classifier-{name}-{u}")
+                             if u == py_spy_users else contextlib.nullcontext([]))
+                with profiling as profiles:
+                    point = harness.load_point(url, uploads, u, seconds, generator=generator)
+                points[str(u)] = {**point, **sampler.of(sampler.phase)}
+                if profiles:
+                    points[str(u)]["py_spy"] = [p.name for p in profiles]
             sampler.phase = f"{name}:cooldown"
             time.sleep(cooldown_s)
             results[name] = {"points": points, "cooldown": sampler.of(sampler.phase)}
@@ -286,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"limits, {name}:", flush=True)
         report["limits"][name] = limits(uploads, checkpoint, batch_sizes, args.limit_seconds, cores)
     report["ours"] = our_service(models, uploads, users, args.seconds, args.warmup, args.cooldown, classifiers,
-                                 gpus, args.logical_cpus, env, generator)
+                                 gpus, args.logical_cpus, env, generator, args.py_spy_users, args.out)
     report["seed_baseline"] = seed_design(models, uploads, users, args.seconds, args.seed_workers or cores, generator)
     report["targets"] = targets(report)
     return report
@@ -310,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the load generator: auto is wrk where it is installed, else the Python one")
     parser.add_argument("--classifiers-per-gpu", type=int, default=1,
                         help="Classifier replicas per GPU (more than 1: Ray's fractional GPUs)")
+    parser.add_argument("--py-spy-users", type=int, help="profile the Classifier with py-spy at this point")
     parser.add_argument("--logical-gpus", type=int, help="declare GPUs to Ray (a CPU run of the code path)")
     parser.add_argument("--logical-cpus", type=int, help="declare CPUs to Ray (the production file asks for 5)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,6 +133,38 @@ def load_point(url: str, uploads: list[Upload], users: int, seconds: float, *, g
           f"p99 {summary['latency_ms_p99']:8.1f} ms  {summary['statuses']}  ({summary['generator']}: "
           f"{summary['generator_cpu_cores']} cores)", flush=True)
     return summary
+
+
+@contextmanager
+def py_spy_record(role: str, seconds: float, out: Path, label: str) -> Iterator[list[Path]]:
+    """While the block runs, py-spy samples every process of a serving role (`load.cpu_watch.role_of`) for `seconds`
+    (threads apart, idle samples left out), into `out/py-spy-<label>-<pid>.txt` (folded stacks; a flame graph tool
+    reads them). Nothing where py-spy is not installed."""
+    import psutil
+
+    from load.cpu_watch import role_of
+
+    binary = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if binary is None:
+        print("  (py-spy is not installed: no profile)", flush=True)
+        yield []
+        return
+    pids = [p.pid for p in psutil.process_iter(["cmdline"]) if role_of(p.info["cmdline"] or []) == role]
+    paths = [out / f"py-spy-{label}-{pid}.txt" for pid in pids]
+    print(f"  py-spy: {len(pids)} {role} processes for {seconds:g} s", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    recorders = [subprocess.Popen([binary, "record", "--nonblocking", "--threads", "-r", "100", "-d",
+                                   str(max(1, round(seconds))), "-f", "raw", "-o", str(path), "-p", str(pid)],
+                                  stdout=subprocess.DEVNULL, stderr=path.with_suffix(".log").open("w"))
+                 for pid, path in zip(pids, paths, strict=True)]
+    try:
+        yield paths
+    finally:
+        for recorder in recorders:
+            try:
+                recorder.wait(timeout=seconds + 30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from bcnn.checkpoint import save_checkpoint
 from bcnn.cli import main as bcnn_cli
 from bcnn.export import OnnxModelError, content_sha256
 from bcnn.predict import Predictor
-from bcnn.preprocess import preprocess_image
+from bcnn.preprocess import load_image, preprocess_image
 from bcnn.train import TrainConfig, build_for_training
 from bcnn.weights import get_weights
 from load.checkpoints import random_bcnn_checkpoint
@@ -122,6 +122,18 @@ def test_onnxruntime_answers_as_torch_on_real_photos(photos: list[Photo], defaul
         assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
         assert a.is_waterbird == b.is_waterbird
         assert max(abs(x.score - y.score) for x, y in zip(a.predictions, b.predictions, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_batch_launched_in_parts_gives_the_logits_of_the_whole(photos: list[Photo], default_cache: Path,
+                                                                  backend: str) -> None:
+    """What the Classifier sends: the preprocessors' arrays (uint8, channels last) as they came, one forward pass."""
+    weights = get_weights("default")
+    predictor = Predictor(weights, backend=backend, threads=1, cache_dir=default_cache)  # type: ignore[arg-type]
+    pixels = [load_image(p.path.read_bytes(), weights.preprocess).pixels for p in photos[:5]]
+    parts = [np.stack(pixels[:2]), np.stack(pixels[2:])]
+    whole = predictor.logits(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2))
+    torch.testing.assert_close(predictor.launch(parts).wait(), whole, rtol=1e-4, atol=1e-4)
 
 
 def test_auto_is_onnxruntime_on_the_cpu_and_torch_on_cuda() -> None:

@@ -41,3 +41,20 @@ def test_the_functions_exception_reaches_the_caller_and_the_thread_goes_on() -> 
         return await thread.run(lambda: 7)
 
     assert asyncio.run(main()) == 7
+
+
+def test_work_submitted_from_another_thread_runs_in_that_threads_context() -> None:
+    """The Classifier's inference thread hands each batch's wait to its completion thread this way."""
+    first, second = DedicatedThread("first"), DedicatedThread("second")
+
+    def hand_on() -> tuple[int, str]:
+        return second.submit(lambda: (threading.get_ident(), request_id.get())).result()
+
+    async def main() -> tuple[int, int, str]:
+        request_id.set("r7")
+        ident = await first.run(threading.get_ident)
+        second_ident, rid = await first.run(hand_on)
+        return ident, second_ident, rid
+
+    ident, second_ident, rid = asyncio.run(main())
+    assert ident != second_ident and rid == "r7"

@@ -1,0 +1,104 @@
+"""The whole GPU measurement in one run, for a lent GPU machine (at most 8 minutes there; everything under `--out`):
+
+1. the bare VGG16-BCNN at 448 per batch size for each forward-pass variant (`load.bare_model`), each checked against
+   the eager float32 model, with its build time;
+2. the Classifier alone with the real GPU (`load.classifier_profile`): images/s against the bare model's rate at the
+   batch sizes it was given, and its CPU per image;
+3. the full node with the production file at 64, 256 and 1,024 users, then the 2019 design at the same points
+   (`load.gpu_profile`), loaded by `wrk`, with the GPU's busy fraction, the replica counts, and py-spy's profile of
+   the Classifier at 256 users;
+4. if time is left, the same node with two Classifier replicas sharing the GPU (Ray's fractional GPUs) at 256 users.
+
+Each step runs as a process of its own and its output goes to `<out>/<step>.log`; a step that fails is recorded and
+the next one runs. `summary.json` says what ran, how long each took and what failed. With the offline kit
+(../shared/gpu-kit/README.md):
+
+    source .gpu/install.sh .gpu && python3 -m load.gpu_run --out "$OUT"
+
+`--short` runs the same steps on this CPU in seconds (a logical GPU, the simulated device, a VGG16-BCNN at 64x64),
+which the suite does so that the script cannot rot between GPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BUDGET_S = 480.0
+
+
+def steps(out: Path, checkpoint: Path, short: bool) -> list[tuple[str, list[str], float]]:
+    """(name, command, the least time left for it to start) in order."""
+    python = [sys.executable, "-m"]
+    if short:
+        size, users, gpu_args = "64", "1,8", ["--logical-gpus", "1", "--logical-cpus", "8", "--seed-workers", "1"]
+        timing = ["--seconds", "2", "--warmup", "2", "--cooldown", "3", "--limit-seconds", "0.5"]
+        bare = ["--variants", "eager,cuda_graphs", "--batch-sizes", "1,2", "--seconds", "0.5"]
+        # At the production input size, where staging a batch costs the host what it costs on a GPU node, and the
+        # simulated device 4x slower than an H200 (today's code kept it 0.77 busy so, the serial one before 0.77).
+        classifier = ["--simulate", "--seconds", "6", "--warmup", "2", "--idle", "1"]
+        py_spy = "8"
+    else:
+        size, users, gpu_args = "448", "64,256,1024", []
+        timing = ["--seconds", "12", "--warmup", "20", "--cooldown", "5", "--limit-seconds", "2"]
+        bare = ["--seconds", "2", "--batch-sizes", "32,64,128"]
+        classifier = ["--seconds", "15", "--warmup", "5"]
+        py_spy = "256"
+    node = [*python, "load.bench", "--profile", "gpu", "--models", f"vgg16_{size}", "--vgg-size", size,
+            "--batch-sizes", "32,64,128" if not short else "1,2", "--no-readme", *gpu_args, *timing]
+    return [
+        ("bare_model", [*python, "load.bare_model", "--checkpoint", str(checkpoint), *bare,
+                        "--out", str(out / "bare_model.json")], 60),
+        ("classifier", [*python, "load.bench", "--profile", "classifier", *classifier,
+                        "--out", str(out / "classifier.json")], 60),
+        ("node", [*node, "--users", users, "--py-spy-users", py_spy, "--out", str(out / "node")], 150),
+        # The short form leaves it out: the same code as `node` but for the Classifier's share of a GPU.
+        *([] if short else [("node_two_classifiers", [*node, "--users", "256", "--classifiers-per-gpu", "2",
+                                                      "--out", str(out / "node-two-classifiers")], 120)]),
+    ]
+
+
+def run(out: Path, *, short: bool, budget_s: float) -> dict[str, Any]:
+    from load.checkpoints import random_bcnn_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    summary: dict[str, Any] = {"budget_s": budget_s, "short": short, "steps": {}}
+    checkpoint = random_bcnn_checkpoint(Path(tempfile.mkdtemp(prefix="gpu-run-")) / "vgg16-bcnn.pt",
+                                        num_classes=200, input_size=64 if short else 448)
+    for name, command, needs_s in steps(out, checkpoint, short):
+        left = budget_s - (time.monotonic() - start)
+        if left < needs_s:
+            summary["steps"][name] = {"skipped": f"{left:.0f} s left, {needs_s:g} s wanted"}
+            continue
+        began = time.monotonic()
+        with open(out / f"{name}.log", "w") as log:
+            try:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        summary["steps"][name] = {"exit": code, "seconds": round(time.monotonic() - began, 1)}
+        print(f"{name}: exit {code} in {summary['steps'][name]['seconds']} s", flush=True)
+    summary["seconds"] = round(time.monotonic() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--short", action="store_true", help="the same steps in seconds on a CPU")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for everything")
+    args = parser.parse_args(argv)
+    summary = run(args.out, short=args.short, budget_s=args.budget)
+    return 0 if all(s.get("exit") == 0 for s in summary["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
