@@ -10,6 +10,7 @@
    (`load.serving_cost`);
 6. overload: retry storms of 400 and 1,000 users that ignore Retry-After, after 16 calm users, on the local profile
    and on the production file (VGG16-BCNN 448, forward skipped, replicas fixed) (`load.overload`);
+7. the Classifier alone against a simulated H200: how busy it keeps its device (`load.classifier_profile`);
 
 then writes `load/results/<date>.json`, a plot beside it, and the results tables into docs/performance.md.
 """
@@ -32,7 +33,7 @@ from typing import Any
 import httpx
 import yaml
 
-from load import harness, overload, serving_cost
+from load import classifier_profile, harness, overload, serving_cost
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -40,6 +41,7 @@ USERS = (1, 8, 64, 400)
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 COST_MARKERS = ("<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
 OVERLOAD_MARKERS = ("<!-- bench-overload:start -->", "<!-- bench-overload:end -->")
+CLASSIFIER_MARKERS = ("<!-- bench-classifier:start -->", "<!-- bench-classifier:end -->")
 
 
 def _serving_overhead(url: str, uploads: list[Upload], requests: int = 100) -> dict[str, float]:
@@ -167,6 +169,10 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
     cost = serving_cost.run(uploads, node=node, seed_workers=workers)
     print("overload: retry storms of 400 and 1,000 users, local profile, then the production file:", flush=True)
     storms = [overload.run(uploads, profile="local"), overload.run(uploads, profile="production", fixed_replicas=True)]
+    print("the Classifier alone against a simulated H200:", flush=True)
+    classifier = classifier_profile.run(classifier_profile.Settings(simulate=True))
+    print(f"  {classifier['images_per_s']} of the device's {classifier['device_limit_images_per_s']} images/s "
+          f"(busy {classifier['device_busy']})", flush=True)
     limit = (before["best"]["images_per_s"] + after["best"]["images_per_s"]) / 2
     single_ms = (before["single"]["latency_ms_p50"] + after["single"]["latency_ms_p50"]) / 2
     ours, ceiling, overhead, paired = service["ours"], service["ceiling"], service["overhead"], service["paired"]
@@ -202,6 +208,7 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
         "ratios": ratios,
         "serving_cost": cost,
         "overload": storms,
+        "classifier_alone": classifier,
     }
 
 
@@ -285,6 +292,11 @@ def cost_section(report: dict[str, Any]) -> str:
             f"subtracted.\n\n{serving_cost.table(cost)}")
 
 
+def classifier_section(report: dict[str, Any]) -> str:
+    return (f"`make bench` {report['date']} on {report['machine']['cpus']} CPUs, the simulated H200 (time_scale 1), "
+            f"20 s:\n\n{classifier_profile.table({'make bench': report['classifier_alone']})}")
+
+
 def main(argv: list[str] | None = None) -> int:
     profile = argparse.ArgumentParser(add_help=False)
     profile.add_argument("--profile", choices=("cpu", "gpu", "classifier"), default="cpu")
@@ -326,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_readme:
         harness.replace_doc_section((BENCH_START, BENCH_END), f"{text}\n\n![Benchmark](../load/results/{stem}.png)")
         harness.replace_doc_section(COST_MARKERS, cost)
+        harness.replace_doc_section(CLASSIFIER_MARKERS, classifier_section(report))
         harness.replace_doc_section(OVERLOAD_MARKERS, overload.section(report["overload"], report["date"],
                                                                report["machine"]["cpus"]))
     return 0

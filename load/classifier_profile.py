@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,25 @@ from load.checkpoints import random_bcnn_checkpoint
 from load.cpu_watch import CpuWatch, busy_ms_by_role
 
 APP = "classifier-profile"
+
+
+@dataclass(frozen=True)
+class Settings:
+    seconds: float = 20.0
+    warmup: float = 5.0
+    idle: float = 3.0
+    callers: int = 32
+    batch_size: int = 16
+    distinct_batches: int = 8
+    input_size: int = 448
+    classifiers_per_gpu: int = 1
+    simulate: bool = False
+    """the simulated device even where there is a GPU"""
+    fixed_ms: float = 1.6
+    per_image_ms: float = 0.55
+    time_scale: float = 1.0
+    logical_cpus: int = 16
+    photos: Path = harness.PHOTOS
 
 
 def _batches(photos: Path, checkpoint: str, batch_size: int, count: int) -> list[Any]:
@@ -106,8 +126,7 @@ async def _drive(handle: Any, refs: list[Any], *, callers: int, seconds: float, 
     return {"seconds": time.monotonic() - start, "parts": parts}
 
 
-async def _measure(handle: Any, refs: list[Any], args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, float],
-                                                                                 float]:
+async def _measure(handle: Any, refs: list[Any], args: Settings) -> tuple[dict[str, Any], dict[str, float], float]:
     """A warm-up, the replicas' idle CPU, then the measured load with every role's CPU and this driver's. (One event
     loop for all: a deployment handle keeps to the loop it was first used on.)"""
     await _drive(handle, refs, callers=args.callers, seconds=args.warmup)
@@ -130,7 +149,7 @@ def _device_seconds(parts: list[tuple[int, int]], timing: dict[str, float]) -> f
     return sum(images / n * device.seconds(n) for images, n in parts)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Settings) -> dict[str, Any]:
     env = harness.serve_env()
     os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_")})  # read when Ray is imported
     import ray
@@ -176,30 +195,84 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def table(reports: dict[str, dict[str, Any]]) -> str:
+    """One row per report: what the Classifier answered against what its device could do."""
+    lines = ["| run | device | images/s | device's limit at the sizes seen | device busy | images per pass | "
+             "Classifier CPU ms per image | driver cores |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in reports.items():
+        device = "GPU" if r["device"] == "gpu" else f"simulated, time_scale {r['timing']['time_scale']:g}"
+        if r["classifiers_per_gpu"] > 1:
+            device += f", {r['classifiers_per_gpu']} replicas sharing it"
+        lines.append(f"| {name} | {device} | {r['images_per_s']:,} | {r['device_limit_images_per_s']:,} | "
+                     f"{r['device_busy']} | {r['forward_pass_images_mean']} | {r['classifier_cpu_ms_per_image']} | "
+                     f"{r['driver_cpu_cores']} |")
+    return "\n".join(lines)
+
+
+def plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
+    """Images per second answered beside the device's limit, one pair of bars per report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(reports)
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4.2))
+    ax.bar([i - 0.2 for i in x], [reports[n]["device_limit_images_per_s"] for n in names], 0.4,
+           label="the device's limit at the batch sizes seen", color="lightgray")
+    ax.bar([i + 0.2 for i in x], [reports[n]["images_per_s"] for n in names], 0.4, label="answered")
+    for i, n in enumerate(names):
+        ax.annotate(f"{reports[n]['device_busy']:.2f}", (i + 0.2, reports[n]["images_per_s"]), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(top=1.25 * max(max(r["images_per_s"], r["device_limit_images_per_s"]) for r in reports.values()))
+    ax.set_ylabel("images per second (label: device busy)")
+    ax.set_title("The Classifier alone against its device")
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
+    defaults = Settings()
     parser = argparse.ArgumentParser(prog="python -m load.bench --profile classifier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--idle", type=float, default=3.0, help="idle CPU measured before the load, subtracted")
-    parser.add_argument("--callers", type=int, default=32, help="batches in flight (ingress replicas x 4)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per call (the ingress's max_batch_size)")
-    parser.add_argument("--distinct-batches", type=int, default=8)
-    parser.add_argument("--input-size", type=int, default=448)
-    parser.add_argument("--classifiers-per-gpu", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=defaults.seconds)
+    parser.add_argument("--warmup", type=float, default=defaults.warmup)
+    parser.add_argument("--idle", type=float, default=defaults.idle,
+                        help="idle CPU measured before the load, subtracted")
+    parser.add_argument("--callers", type=int, default=defaults.callers,
+                        help="batches in flight (ingress replicas x 4)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help="images per call (the ingress's max_batch_size)")
+    parser.add_argument("--distinct-batches", type=int, default=defaults.distinct_batches)
+    parser.add_argument("--input-size", type=int, default=defaults.input_size)
+    parser.add_argument("--classifiers-per-gpu", type=int, default=defaults.classifiers_per_gpu)
     parser.add_argument("--simulate", action="store_true", help="the simulated device even where there is a GPU")
-    parser.add_argument("--fixed-ms", type=float, default=1.6, help="simulated device: ms per forward pass")
-    parser.add_argument("--per-image-ms", type=float, default=0.55, help="simulated device: and per image")
-    parser.add_argument("--time-scale", type=float, default=4.0,
-                        help="simulated device: this many times slower than the H200 (default 4: a 2-core machine "
-                             "feeds it)")
-    parser.add_argument("--logical-cpus", type=int, default=16)
-    parser.add_argument("--photos", type=Path, default=harness.PHOTOS)
+    parser.add_argument("--fixed-ms", type=float, default=defaults.fixed_ms,
+                        help="simulated device: ms per forward pass")
+    parser.add_argument("--per-image-ms", type=float, default=defaults.per_image_ms,
+                        help="simulated device: and per image")
+    parser.add_argument("--time-scale", type=float, default=defaults.time_scale,
+                        help="simulated device: this many times slower than the H200 (a slow CPU can feed it)")
+    parser.add_argument("--logical-cpus", type=int, default=defaults.logical_cpus)
+    parser.add_argument("--photos", type=Path, default=defaults.photos)
     parser.add_argument("--out", type=Path, help="write the report as JSON here too")
+    parser.add_argument("--plot", type=Path, metavar="FOLDER",
+                        help="measure nothing: plot and tabulate the reports in FOLDER (FOLDER/summary.png)")
     args = parser.parse_args(argv)
+    if args.plot:
+        reports = {p.stem: json.loads(p.read_text()) for p in sorted(args.plot.glob("*.json"))
+                   if "device_busy" in p.read_text()}
+        plot(reports, args.plot / "summary.png")
+        print(table(reports))
+        return 0
     if not args.photos.is_dir():
         parser.error(f"no photos at {args.photos}; set WATERBIRD_PHOTOS to a folder of JPEGs")
-    report = run(args)
+    settings = Settings(**{k: v for k, v in vars(args).items() if k not in ("out", "plot")})
+    report = run(settings)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -7,7 +7,8 @@
 3. the full node with the production file at 64, 256 and 1,024 users, then the 2019 design at the same points
    (`load.gpu_profile`), loaded by `wrk`, with the GPU's busy fraction, the replica counts, and py-spy's profile of
    the Classifier at 256 users;
-4. if time is left, the same node with two Classifier replicas sharing the GPU (Ray's fractional GPUs) at 256 users.
+4. if time is left, `torch.compile` (its build may take minutes), then the same node with two Classifier replicas
+   sharing the GPU (Ray's fractional GPUs) at 256 users.
 
 Each step runs as a process of its own and its output goes to `<out>/<step>.log`; a step that fails is recorded and
 the next one runs. `summary.json` says what ran, how long each took and what failed. With the offline kit
@@ -37,30 +38,36 @@ def steps(out: Path, checkpoint: Path, short: bool) -> list[tuple[str, list[str]
     """(name, command, the least time left for it to start) in order."""
     python = [sys.executable, "-m"]
     if short:
-        size, users, gpu_args = "64", "1,8", ["--logical-gpus", "1", "--logical-cpus", "8", "--seed-workers", "1"]
+        size, users, gpu_args = "64", "8", ["--logical-gpus", "1", "--logical-cpus", "8", "--seed-workers", "1"]
         timing = ["--seconds", "2", "--warmup", "2", "--cooldown", "3", "--limit-seconds", "0.5"]
         bare = ["--variants", "eager,cuda_graphs", "--batch-sizes", "1,2", "--seconds", "0.5"]
-        # At the production input size, where staging a batch costs the host what it costs on a GPU node, and the
-        # simulated device 4x slower than an H200 (today's code kept it 0.77 busy so, the serial one before 0.77).
-        classifier = ["--simulate", "--seconds", "6", "--warmup", "2", "--idle", "1"]
+        # At the production input size, where staging a batch costs the host what it costs on a GPU node, against
+        # a simulated device 4x slower than an H200: the pipelined Classifier kept it 0.998 busy here, the serial
+        # one before it 0.77-0.81 (docs/performance.md, "The Classifier alone").
+        classifier = ["--simulate", "--time-scale", "4", "--seconds", "5", "--warmup", "2", "--idle", "1"]
         py_spy = "8"
     else:
         size, users, gpu_args = "448", "64,256,1024", []
         timing = ["--seconds", "12", "--warmup", "20", "--cooldown", "5", "--limit-seconds", "2"]
-        bare = ["--seconds", "2", "--batch-sizes", "32,64,128"]
+        bare = ["--seconds", "2", "--batch-sizes", "32,64,128", "--variants",
+                "eager,cudnn_benchmark,cuda_graphs,onnxruntime_cuda,tensorrt"]
         classifier = ["--seconds", "15", "--warmup", "5"]
         py_spy = "256"
     node = [*python, "load.bench", "--profile", "gpu", "--models", f"vgg16_{size}", "--vgg-size", size,
             "--batch-sizes", "32,64,128" if not short else "1,2", "--no-readme", *gpu_args, *timing]
+    bare_model = [*python, "load.bare_model", "--checkpoint", str(checkpoint)]
     return [
-        ("bare_model", [*python, "load.bare_model", "--checkpoint", str(checkpoint), *bare,
-                        "--out", str(out / "bare_model.json")], 60),
+        ("bare_model", [*bare_model, *bare, "--out", str(out / "bare_model.json")], 60),
         ("classifier", [*python, "load.bench", "--profile", "classifier", *classifier,
                         "--out", str(out / "classifier.json")], 60),
         ("node", [*node, "--users", users, "--py-spy-users", py_spy, "--out", str(out / "node")], 150),
-        # The short form leaves it out: the same code as `node` but for the Classifier's share of a GPU.
-        *([] if short else [("node_two_classifiers", [*node, "--users", "256", "--classifiers-per-gpu", "2",
-                                                      "--out", str(out / "node-two-classifiers")], 120)]),
+        # Last, with what time is left: torch.compile may take minutes to build; the same code as `node` but for
+        # the Classifier's share of a GPU. The short form leaves both out.
+        *([] if short else [
+            ("bare_model_compile", [*bare_model, "--seconds", "2", "--batch-sizes", "32,64,128", "--variants",
+                                    "compile", "--out", str(out / "bare_model_compile.json")], 90),
+            ("node_two_classifiers", [*node, "--users", "256", "--classifiers-per-gpu", "2",
+                                      "--out", str(out / "node-two-classifiers")], 120)]),
     ]
 
 
