@@ -101,22 +101,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nService:   http://127.0.0.1:8000   (page at /, API at /classify, /healthz, /labels)\n"
           f"Dashboard: http://127.0.0.1:{DASHBOARD_PORT}   (token: ~/.ray/auth_token)\n"
           f"Metrics:   http://127.0.0.1:{METRICS_PORT}/metrics\nCtrl-C stops the service.\n", flush=True)
-    # Started as a background job, a process inherits SIGINT ignored: restore Ctrl-C for us and for `serve run`.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    serve = subprocess.Popen([*cli("serve"), "run", "--address=auto", args.config], env=env,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    # A supervisor's SIGTERM must reach `serve run` too, or it outlives us; `ray stop` below cleans up after it.
-    signal.signal(signal.SIGTERM, lambda *_: serve.terminate())
     try:
-        while True:
-            try:
-                return serve.wait()
-            except KeyboardInterrupt:
-                # A terminal's Ctrl-C reached `serve run` too; a SIGINT sent to us alone must be passed on.
-                serve.send_signal(signal.SIGINT)
+        return supervise([*cli("serve"), "run", "--address=auto", args.config], env)
     finally:
         if started:
             stop_ray(env)
+
+
+def supervise(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` in the foreground until it ends; Ctrl-C (SIGINT) and SIGTERM stop it. Its exit status, except
+    after a Ctrl-C: the service was asked to stop and did, which is a success (`make serve` then ends quietly)."""
+    # Started as a background job, a process inherits SIGINT ignored: restore Ctrl-C for us and for the child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    child = subprocess.Popen(command, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A supervisor's SIGTERM must reach the child too, or it outlives us; `ray stop` cleans up after it.
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    interrupted = False
+    while True:
+        try:
+            status = child.wait()
+            return 0 if interrupted else status
+        except KeyboardInterrupt:
+            # A terminal's Ctrl-C reached the child too; a SIGINT sent to us alone must be passed on.
+            interrupted = True
+            child.send_signal(signal.SIGINT)
 
 
 if __name__ == "__main__":
