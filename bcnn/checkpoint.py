@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from bcnn.models import default_preprocess
 from bcnn.preprocess import Preprocess
+from bcnn.species import SpeciesRule
 from bcnn.weights import Weights
 
 FORMAT = "waterbirds-bcnn"
@@ -108,9 +109,13 @@ def _ours(path: str | os.PathLike[str], data: dict[str, Any], version: str) -> W
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(path, f"has no usable preprocessing entry ({e})") from None
     meta = {**data.get("meta", {}), "version": version}
+    try:
+        rule = SpeciesRule.from_dict(meta["species_rule"]) if meta.get("species_rule") else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(path, f"has an unusable species rule ({e})") from None
     return Weights(name=Path(path).stem, arch=arch, load=lambda: state, preprocess=preprocess,
                    categories=categories, answer_indices=tuple(answer) if answer is not None else None,
-                   source=str(path), meta=meta)
+                   source=str(path), meta=meta, species_rule=rule)
 
 
 def _legacy(path: str | os.PathLike[str], data: dict[str, Tensor], classes_file: str | os.PathLike[str] | None,

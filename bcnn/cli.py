@@ -8,8 +8,12 @@ import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bcnn.preprocess import DEFAULT_MAX_PIXELS, ImageError
+
+if TYPE_CHECKING:
+    from bcnn.predict import Answer
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -39,13 +43,23 @@ def _predict(args: argparse.Namespace) -> int:
         answer = predictor(image[None], top_k=args.top_k)[0]
         if args.json:
             print(json.dumps({"file": name, "is_waterbird": answer.is_waterbird,
+                              "species_known": answer.species_known,
+                              "species_confidence": answer.species_confidence,
                               "predictions": [{"label": p.label, "score": p.score, "index": p.index}
                                               for p in answer.predictions]}, ensure_ascii=False), flush=True)
         else:
-            verdict = "" if answer.is_waterbird else "  (probably not a waterbird)"
-            best = ", ".join(f"{p.label} {p.score:.1%}" for p in answer.predictions)
-            print(f"{name}: {best}{verdict}", flush=True)
+            print(f"{name}: {verdict(answer, len(predictor.labels))}", flush=True)
     return 1 if failed else 0
+
+
+def verdict(answer: Answer, species: int) -> str:
+    """One line a birdwatcher reads: the species with its confidence, or why there is none."""
+    best = answer.predictions[0].label
+    if not answer.is_waterbird:
+        return f"probably not a waterbird (closest waterbird: {best})"
+    if not answer.species_known:
+        return f"a waterbird, but not one of the {species} species this model knows (closest: {best})"
+    return f"{best}, confidence {answer.species_confidence:.0%}"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -62,9 +76,21 @@ def _evaluate(args: argparse.Namespace) -> int:
     from bcnn.evaluate import evaluate
 
     metrics = evaluate(args.data, args.checkpoint, args.out, classes_file=args.classes, split=args.split,
-                       workers=args.workers, device=args.device)
+                       workers=args.workers, device=args.device, image_root=args.image_root,
+                       label_column=args.label_column, species_threshold=args.species_threshold)
+    species = metrics["species"]
     print(f"top-1 {metrics['top1']:.3f}  top-5 {metrics['top5']:.3f}  over {metrics['images']} images; "
           f"details in {args.out}/")
+    if species["photos"]["unknown_species"]:
+        print(f"species it does not know: {species['photos']['unknown_species']} photos, "
+              f"{species['unknown']['named_wrongly']:.1%} named wrongly "
+              f"({species['unknown']['waterbird_species_unknown']:.1%} answered 'a waterbird, species unknown', "
+              f"{species['unknown']['not_a_waterbird']:.1%} 'not a waterbird'); AUROC known vs unknown "
+              f"{species['auroc_known_vs_unknown']:.3f}")
+    print(f"species it knows: {species['known']['named']:.1%} named ({species['known']['named_and_right']:.1%} "
+          f"rightly) at threshold {species['rule']['threshold']:g}; calibration error (ECE) "
+          f"{species['calibration']['before']['ece']:.3f} before, {species['calibration']['after']['ece']:.3f} "
+          f"after; the rule these photos support: {args.out}/species_rule.json")
     return 0
 
 
@@ -87,9 +113,11 @@ def _convert(args: argparse.Namespace) -> int:
     from bcnn.weights import get_weights
 
     weights = get_weights(args.checkpoint, classes_file=args.classes)
+    meta: dict[str, object] = {"converted_from": weights.source}
+    if weights.species_rule is not None:
+        meta["species_rule"] = weights.species_rule.to_dict()
     save_checkpoint(args.out, build_model(weights), arch=weights.arch, categories=weights.categories,
-                    preprocess=weights.preprocess, answer_indices=weights.answer_indices,
-                    meta={"converted_from": weights.source})
+                    preprocess=weights.preprocess, answer_indices=weights.answer_indices, meta=meta)
     print(f"wrote {args.out}")
     return 0
 
@@ -183,8 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("evaluate", help="top-1, top-5, per-class accuracy and a confusion matrix")
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("evaluate", help="top-1, top-5, per-class accuracy, a confusion matrix, and the species rule "
+                                        "(unknown species flagged, calibration)")
+    p.add_argument("--data", required=True, help="a folder of photos by class, or a CSV (file, label; no label: a "
+                                                 "species the model does not know)")
+    p.add_argument("--image-root", help="CSV: the folder its files are in (default: the CSV's)")
+    p.add_argument("--label-column", default="label", help="CSV: the column with each photo's class name")
+    p.add_argument("--species-threshold", type=float, help="judge this threshold instead of the model's own")
     model_options(p, default=None)
     p.add_argument("--out", default="runs/evaluate")
     p.add_argument("--split", choices=("val", "all"), default="val")

@@ -1,4 +1,5 @@
-"""Accuracy of a checkpoint on a labelled data set: top-1, top-5, per class, and a confusion matrix."""
+"""Accuracy of a checkpoint on a labelled data set: top-1, top-5, per class, a confusion matrix, and how its species
+rule tells the species it knows from those it does not (`bcnn.species`), with its calibration."""
 
 from __future__ import annotations
 
@@ -7,25 +8,36 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from bcnn.data import Split, load_split
 from bcnn.models import build_model, prepare_for_inference
-from bcnn.predict import pick_device
+from bcnn.predict import pick_device, rank_logits
+from bcnn.species import auroc, fit, platt, reliability, species_score
 from bcnn.train import predict_split
-from bcnn.weights import get_weights
+from bcnn.weights import DEFAULT_WATERBIRD_THRESHOLD, Weights, get_weights
 
 
 def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None = None, split: str = "val",
-             workers: int = 2, device: str | None = None) -> dict[str, Any]:
-    """Write `metrics.json`, `confusion.csv` and `confusion.png` to `out`; return the metrics."""
+             workers: int = 2, device: str | None = None, image_root: str | None = None,
+             label_column: str = "label", species_threshold: float | None = None,
+             waterbird_threshold: float = DEFAULT_WATERBIRD_THRESHOLD) -> dict[str, Any]:
+    """Write `metrics.json`, `confusion.csv`, `confusion.png`, `species_rule.json` and `reliability.png` to `out`;
+    return the metrics. `data`: a folder (ImageFolder or CUB layout), or a CSV of photos (`file` and
+    `label_column`, files under `image_root`) where a row with no label is a photo of a species the model does not
+    know, which the species figures need."""
     weights = get_weights(checkpoint, classes_file=classes_file)
-    dataset = load_split(data)
-    if split == "all":
-        dataset = Split(dataset.classes, [], dataset.train + dataset.val)
-    unknown = [c for c in dataset.classes if c not in weights.labels]
-    if unknown:
-        raise ValueError(f"{data}: classes the checkpoint does not know: {', '.join(unknown[:5])}")
+    if data.endswith(".csv"):
+        dataset, unknown = labelled_photos(data, label_column, image_root)
+    else:
+        dataset, unknown = load_split(data), []
+        if split == "all":
+            dataset = Split(dataset.classes, [], dataset.train + dataset.val)
+    not_known = [c for c in dataset.classes if c not in weights.labels]
+    if not_known:
+        raise ValueError(f"{data}: classes the checkpoint does not know: {', '.join(not_known[:5])}")
     torch_device = pick_device(device)
     model = prepare_for_inference(build_model(weights)).to(torch_device)
     logits, labels = predict_split(model, dataset, weights.preprocess, workers, torch_device)
@@ -41,7 +53,7 @@ def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None =
         confusion[truth, guess] += 1
     per_class = {name: (confusion[i, i] / confusion[i].sum()).item() if confusion[i].sum() else None
                  for i, name in enumerate(dataset.classes)}
-    metrics = {
+    metrics: dict[str, Any] = {
         "checkpoint": checkpoint,
         "model_version": weights.version,
         "images": len(labels),
@@ -51,6 +63,14 @@ def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None =
     }
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if unknown:
+        unknown_split = Split(dataset.classes, [], [(path, 0) for path in unknown])
+        unknown_logits = predict_split(model, unknown_split, weights.preprocess, workers, torch_device)[0]
+    else:
+        unknown_logits = logits[:0]
+    truth = torch.tensor([weights.labels.index(dataset.classes[i]) for i in labels.tolist()] + [-1] * len(unknown))
+    metrics["species"] = species_figures(weights, torch.cat([logits, unknown_logits]), truth, out_dir,
+                                         species_threshold=species_threshold, waterbird_threshold=waterbird_threshold)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     with open(out_dir / "confusion.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -59,6 +79,111 @@ def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None =
             writer.writerow([name, *row])
     _plot_confusion(confusion, dataset.classes, out_dir / "confusion.png")
     return metrics
+
+
+def labelled_photos(table: str, label_column: str, image_root: str | None) -> tuple[Split, list[Path]]:
+    """The photos a CSV lists (`file`, `label_column`), under `image_root` (default: the CSV's folder): the labelled
+    ones as a split, and those with no label, photos of species the model does not know."""
+    root = Path(image_root) if image_root else Path(table).parent
+    with open(table, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and label_column not in rows[0]:
+        raise ValueError(f"{table}: no column {label_column!r} (columns: {', '.join(rows[0])})")
+    classes = tuple(sorted({r[label_column] for r in rows if r[label_column]}))
+    known = [(root / r["file"], classes.index(r[label_column])) for r in rows if r[label_column]]
+    return Split(classes, [], known), [root / r["file"] for r in rows if not r[label_column]]
+
+
+def species_figures(weights: Weights, logits: Tensor, truth: Tensor, out: Path, *,
+                    species_threshold: float | None, waterbird_threshold: float) -> dict[str, Any]:
+    """How well the species rule tells the species the model knows from those it does not, and how calibrated its
+    confidence is. `truth`: each photo's position in the model's labels, -1 for a species it does not know. The rule
+    judged is the model's own (its threshold or `species_threshold`); a model without one is judged with the rule
+    fitted here. Writes `species_rule.json` (the rule these photos support) and `reliability.png`."""
+    answer_index = torch.tensor(list(weights.answer_indices or range(len(weights.categories))))
+    known = (truth >= 0).numpy()
+    scores = species_score(logits, answer_index).numpy()
+    untuned = rank_logits(logits, answer_index, top_k=1, threshold=waterbird_threshold)
+    waterbird = untuned.is_waterbird
+    right = known & (untuned.indices[:, 0] == truth.numpy())
+    threshold = species_threshold if species_threshold is not None else (
+        weights.species_rule.threshold if weights.species_rule else None)
+    fitted = fit(scores[waterbird], right[waterbird], threshold=threshold,
+                 fitted_on=f"{len(truth)} photos, {int(known.sum())} of species the model knows")
+    (out / "species_rule.json").write_text(json.dumps(fitted.to_dict(), indent=2) + "\n")
+    rule = weights.species_rule or fitted
+    ranked = rank_logits(logits, answer_index, top_k=1, threshold=waterbird_threshold, rule=rule,
+                         species_threshold=species_threshold)
+    named = ranked.species_known  # answered with a species' name
+    figures: dict[str, Any] = {
+        "rule": {**rule.to_dict(), "threshold": species_threshold if species_threshold is not None else rule.threshold},
+        "photos": {"known_species": int(known.sum()), "unknown_species": int((~known).sum())},
+        "auroc_known_vs_unknown": round(auroc(scores, known), 4),
+        "auroc_of_other_scores": {name: round(auroc(other, known), 4)
+                                  for name, other in candidate_scores(logits, answer_index).items()},
+        "known": {"named": _share(named, known), "named_and_right": _share(named & right, known)},
+        "unknown": {"named_wrongly": _share(named, ~known),
+                    "waterbird_species_unknown": _share(ranked.is_waterbird & ~named, ~known),
+                    "not_a_waterbird": _share(~ranked.is_waterbird, ~known)},
+    }
+    # Calibration over the waterbird answers: before, the share among the answer classes that the page showed;
+    # after, the rule's confidence; and each photo's confidence from a rule fitted without it (leave one out).
+    w_scores, w_right = scores[waterbird], right[waterbird]
+    held_out = np.array([_leave_one_out(w_scores, w_right, i) for i in range(len(w_scores))])
+    figures["calibration"] = {
+        "answers": int(waterbird.sum()), "right": int(w_right.sum()),
+        "before": reliability(untuned.scores[waterbird, 0], w_right),
+        "after": reliability(ranked.species_confidence[waterbird], w_right),
+        "after_left_out": reliability(held_out, w_right),
+    }
+    _plot_reliability(figures["calibration"], out / "reliability.png")
+    return figures
+
+
+def candidate_scores(logits: Tensor, answer_index: Tensor) -> dict[str, np.ndarray]:
+    """Scores compared with the rule's (the largest logit among the answer classes) for telling known species from
+    unknown ones: the top answer class's probability in the full softmax, the softmax mass on the answer classes,
+    the top class's share among them (the score the page showed before), and the energy (log-sum-exp of all
+    logits)."""
+    probs = logits.softmax(dim=1)
+    answer = probs[:, answer_index]
+    return {"max_softmax": answer.max(dim=1).values.numpy(), "answer_mass": answer.sum(dim=1).numpy(),
+            "top_share": (answer.max(dim=1).values / answer.sum(dim=1).clamp_min(1e-12)).numpy(),
+            "energy": torch.logsumexp(logits, dim=1).numpy()}
+
+
+def _share(mask: np.ndarray, of: np.ndarray) -> float | None:
+    return round(float(mask[of].mean()), 4) if of.any() else None
+
+
+def _leave_one_out(scores: np.ndarray, right: np.ndarray, i: int) -> float:
+    slope, intercept = platt(np.delete(scores, i), np.delete(right, i).astype(np.float64))
+    return float(1 / (1 + np.exp(-(slope * scores[i] + intercept))))
+
+
+def _plot_reliability(calibration: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="calibrated")
+    for key, name, style in (("before", "before: share among the species it knows", "s--"),
+                             ("after", "after: the rule's confidence", "o-"),
+                             ("after_left_out", "after, each photo left out of the fit", "^:")):
+        bins = calibration[key]["bins"]
+        ax.plot([b["confidence"] for b in bins], [b["right"] for b in bins], style,
+                label=f"{name} (ECE {calibration[key]['ece']:.3f})")
+    ax.set_xlabel("confidence shown")
+    ax.set_ylabel("share of those answers that were right")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability: {calibration['answers']} waterbird answers, {calibration['right']} right", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plot_confusion(confusion: torch.Tensor, classes: tuple[str, ...], path: Path) -> None:

@@ -75,6 +75,9 @@ def metadata(weights: Weights, content: str, threshold: float = DEFAULT_WATERBIR
         "categories": json.dumps(list(weights.categories), ensure_ascii=False),
         "answer_indices": json.dumps(list(answers)),
         "waterbird_threshold": str(threshold),
+        # How an app tells a species the model knows from one it does not, and its calibrated confidence
+        # (bcnn.species); "null" for a model without a rule.
+        "species_rule": json.dumps(weights.species_rule.to_dict() if weights.species_rule else None),
         "content_sha256": content,
         "exported_with": f"torch {torch.__version__}",
     }

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from bcnn.allocator import keep_freed_memory
 from bcnn.backends import Backend, BackendName, InFlight, build_backend
+from bcnn.species import SpeciesRule, species_score
 from bcnn.weights import DEFAULT_WATERBIRD_THRESHOLD, Weights
 
 
@@ -26,6 +27,10 @@ class Prediction:
 class Answer:
     is_waterbird: bool
     waterbird_score: float
+    species_known: bool
+    """a waterbird of a species the model knows: False for a waterbird it was never taught (`bcnn.species`)"""
+    species_confidence: float
+    """the probability that `predictions[0]` is the species in the photo (calibrated where the model has a rule)"""
     predictions: tuple[Prediction, ...]
 
     def to_dict(self) -> dict[str, object]:
@@ -45,17 +50,23 @@ class Ranked:
     """float32 [N]: mass of the full softmax on the answer classes"""
     is_waterbird: np.ndarray
     """bool [N]: `waterbird_scores` at least the threshold"""
+    species_known: np.ndarray
+    """bool [N]: a waterbird, and the model knows its species (`bcnn.species`)"""
+    species_confidence: np.ndarray
+    """float32 [N]: the probability that the top species is the one in the photo"""
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def __getitem__(self, rows: slice) -> Ranked:
-        return Ranked(self.indices[rows], self.scores[rows], self.waterbird_scores[rows], self.is_waterbird[rows])
+        return Ranked(self.indices[rows], self.scores[rows], self.waterbird_scores[rows], self.is_waterbird[rows],
+                      self.species_known[rows], self.species_confidence[rows])
 
     def answer(self, row: int, labels: Sequence[str], top_k: int | None = None) -> Answer:
         predictions = tuple(Prediction(labels[i], round(s, 6), i) for s, i in
                             zip(self.scores[row, :top_k].tolist(), self.indices[row, :top_k].tolist(), strict=True))
-        return Answer(bool(self.is_waterbird[row]), round(float(self.waterbird_scores[row]), 6), predictions)
+        return Answer(bool(self.is_waterbird[row]), round(float(self.waterbird_scores[row]), 6),
+                      bool(self.species_known[row]), round(float(self.species_confidence[row]), 6), predictions)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -64,19 +75,44 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def rank_logits(logits: Tensor, answer_index: Tensor, *, top_k: int = 5,
+                threshold: float = DEFAULT_WATERBIRD_THRESHOLD, rule: SpeciesRule | None = None,
+                species_threshold: float | None = None) -> Ranked:
+    """The `top_k` answer classes of each image, renormalised over the answer classes; whether the full softmax puts
+    at least `threshold` of its mass on them; whether the model knows the species and how sure it is that the top one
+    is right (`bcnn.species`: the weights' rule, its threshold or `species_threshold`; without a rule, every
+    waterbird's species counts as known and the confidence is the top class's softmax probability, uncalibrated)."""
+    probs = logits.softmax(dim=1)[:, answer_index]
+    mass = probs.sum(dim=1)
+    scores = probs / mass.clamp_min(1e-12).unsqueeze(1)
+    k = max(1, min(top_k, scores.shape[1]))
+    top_scores, top_idx = scores.topk(k, dim=1)
+    is_waterbird = mass >= threshold
+    if rule is None:
+        known, confidence = is_waterbird, probs.max(dim=1).values
+    else:
+        species = species_score(logits, answer_index)
+        known = is_waterbird & rule.species_known(species, species_threshold)
+        confidence = rule.confidence(species)
+    return Ranked(top_idx.numpy(), top_scores.numpy(), mass.numpy(), is_waterbird.numpy(), known.numpy(),
+                  confidence.numpy())
+
+
 class Predictor:
     """A loaded model plus what turns its logits into answers. Build once, call per batch."""
 
     def __init__(self, weights: Weights, *, device: str | torch.device | None = None,
-                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD, backend: BackendName | Backend = "auto",
-                 threads: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> None:
+                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD, species_threshold: float | None = None,
+                 backend: BackendName | Backend = "auto", threads: int | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
         """`backend`: where the forward pass runs, by name (`bcnn.backends`) or built (a `SimulatedDevice`);
         `threads`: its intra-op threads (None: the calling thread's torch setting); `cache_dir`: where ONNX
-        Runtime's exported files are kept."""
+        Runtime's exported files are kept; `species_threshold`: instead of the weights' own (`bcnn.species`)."""
         keep_freed_memory()  # once per process: every forward pass reuses its buffers (bcnn/allocator.py)
         self.weights = weights
         self.device = pick_device(str(device) if device else None)
         self.threshold = threshold
+        self.species_threshold = species_threshold
         if isinstance(backend, str):
             backend = build_backend(weights, device=self.device, backend=backend, threads=threads,
                                     cache_dir=cache_dir)
@@ -109,14 +145,8 @@ class Predictor:
         return sizes
 
     def rank(self, logits: Tensor, top_k: int = 5) -> Ranked:
-        """The `top_k` answer classes of each image, renormalised over the answer classes, and whether the full
-        softmax puts at least `threshold` of its mass on them."""
-        probs = logits.softmax(dim=1)[:, self._answer_index]
-        mass = probs.sum(dim=1)
-        scores = probs / mass.clamp_min(1e-12).unsqueeze(1)
-        k = max(1, min(top_k, scores.shape[1]))
-        top_scores, top_idx = scores.topk(k, dim=1)
-        return Ranked(top_idx.numpy(), top_scores.numpy(), mass.numpy(), (mass >= self.threshold).numpy())
+        return rank_logits(logits, self._answer_index, top_k=top_k, threshold=self.threshold,
+                           rule=self.weights.species_rule, species_threshold=self.species_threshold)
 
     def answers(self, logits: Tensor, top_k: int = 5) -> list[Answer]:
         ranked = self.rank(logits, top_k)

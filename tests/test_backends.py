@@ -17,8 +17,9 @@ from bcnn.backends import check_session, open_session, resolve
 from bcnn.checkpoint import save_checkpoint
 from bcnn.cli import main as bcnn_cli
 from bcnn.export import OnnxModelError, content_sha256
-from bcnn.predict import Predictor
+from bcnn.predict import Predictor, rank_logits
 from bcnn.preprocess import load_image, preprocess_image
+from bcnn.species import SpeciesRule
 from bcnn.train import TrainConfig, build_for_training
 from bcnn.weights import get_weights
 from load.checkpoints import random_bcnn_checkpoint
@@ -67,6 +68,16 @@ def test_export_checks_itself_on_real_photos_and_the_file_carries_what_an_app_ne
     assert batch.shape == (3, 3, side, side) and batch.dtype == np.uint8
     logits = session.run(None, {"images": batch})[0]
     assert logits.shape == (3, len(weights.categories)) and logits.dtype == np.float32
+
+    # The species rule travels in the file, and applied there gives the service's answers.
+    rule = json.loads(meta["species_rule"])
+    assert rule == (weights.species_rule.to_dict() if weights.species_rule else None)
+    if rule is not None:
+        answer_index = torch.tensor(json.loads(meta["answer_indices"]))
+        from_file = rank_logits(torch.from_numpy(logits), answer_index, rule=SpeciesRule.from_dict(rule))
+        served = Predictor(weights, backend="torch").rank(torch.from_numpy(logits))
+        assert (from_file.species_known == served.species_known).all()
+        assert np.allclose(from_file.species_confidence, served.species_confidence)
 
 
 @pytest.mark.slow

@@ -26,6 +26,40 @@ def test_predict_json_answers_good_files_and_reports_bad_ones(tmp_path: Path, ma
     assert second == {"file": str(bad), "error": {"code": "invalid_image", "message": second["error"]["message"]}}
 
 
+def test_predict_says_when_the_species_is_not_one_it_knows(photos: list[Photo]) -> None:
+    by_name = {p.path.name: p for p in photos}
+    kittiwake, stork = by_name["wb-002.jpg"].path, by_name["wb-005.jpg"].path
+    result = _cli("predict", str(kittiwake), str(stork))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (f"{kittiwake}: a waterbird, but not one of the 23 species this model knows "
+                        "(closest: red-backed sandpiper)")
+    assert lines[1].startswith(f"{stork}: white stork, confidence ")
+    answer = json.loads(_cli("predict", "--json", str(kittiwake)).stdout)
+    assert answer["is_waterbird"] is True and answer["species_known"] is False
+    assert 0 <= answer["species_confidence"] < 0.1
+
+
+def test_evaluate_measures_the_species_rule_on_labelled_photos(tmp_path: Path, photos: list[Photo]) -> None:
+    folder = photos[0].path.parent
+    result = _cli("evaluate", "--checkpoint", "default", "--data", str(folder.parent / "photos.csv"),
+                  "--image-root", str(folder), "--label-column", "imagenet_label", "--workers", "0",
+                  "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    species = json.loads((tmp_path / "metrics.json").read_text())["species"]
+    assert species["photos"] == {"known_species": 10, "unknown_species": 233}
+    assert species["known"]["named_and_right"] == 1.0
+    assert species["unknown"]["named_wrongly"] <= 0.3
+    assert species["auroc_known_vs_unknown"] > max(species["auroc_of_other_scores"].values())
+    calibration = species["calibration"]
+    assert calibration["after"]["ece"] < 0.05 < 0.5 < calibration["before"]["ece"]
+    assert calibration["after_left_out"]["ece"] < 0.05
+    rule = json.loads((tmp_path / "species_rule.json").read_text())
+    assert rule["score"] == "max_logit" and rule["threshold"] == 8.0
+    assert (tmp_path / "reliability.png").stat().st_size > 10_000
+    assert "233 photos, 24.9% named wrongly" in result.stdout
+
+
 def test_bench_writes_json_for_both_backends(tmp_path: Path) -> None:
     result = _cli("bench", "--batch-sizes", "1,2", "--threads", "1", "--seconds", "0.3", "--backend", "both",
                   "--out", str(tmp_path / "b.json"))

@@ -41,7 +41,7 @@ def test_outcomes_put_answers_and_refusals_back_in_upload_order() -> None:
     def scores(rows: list[list[int]], version: str) -> Scores:
         indices = np.array(rows)
         ranked = Ranked(indices, np.full(indices.shape, 0.5, np.float32), np.full(len(rows), 0.9, np.float32),
-                        np.ones(len(rows), bool))
+                        np.ones(len(rows), bool), np.ones(len(rows), bool), np.full(len(rows), 0.7, np.float32))
         return Scores(ranked, ("heron", "stork", "crane"), "m", version, 3.0, len(rows))
 
     uploads = [_Upload(b"x", k, f"r{i}") for i, k in enumerate((1, 2, 3, 2))]

