@@ -53,13 +53,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def verdict(answer: Answer, species: int) -> str:
-    """One line a birdwatcher reads: the species with its confidence, or why there is none."""
-    best = answer.predictions[0].label
+    """One line a birdwatcher reads: the species with its confidence, or why there is none; then the others ranked."""
+    names = [p.label for p in answer.predictions]
     if not answer.is_waterbird:
-        return f"probably not a waterbird (closest waterbird: {best})"
+        return f"probably not a waterbird (closest waterbirds: {', '.join(names)})"
     if not answer.species_known:
-        return f"a waterbird, but not one of the {species} species this model knows (closest: {best})"
-    return f"{best}, confidence {answer.species_confidence:.0%}"
+        return f"a waterbird, but not one of the {species} species this model knows (closest: {', '.join(names)})"
+    return f"{names[0]}, confidence {answer.species_confidence:.0%}" + (f"; next: {', '.join(names[1:])}"
+                                                                        if len(names) > 1 else "")
 
 
 def _train(args: argparse.Namespace) -> int:

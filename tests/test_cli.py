@@ -29,12 +29,12 @@ def test_predict_json_answers_good_files_and_reports_bad_ones(tmp_path: Path, ma
 def test_predict_says_when_the_species_is_not_one_it_knows(photos: list[Photo]) -> None:
     by_name = {p.path.name: p for p in photos}
     kittiwake, stork = by_name["wb-002.jpg"].path, by_name["wb-005.jpg"].path
-    result = _cli("predict", str(kittiwake), str(stork))
+    result = _cli("predict", "--top-k", "2", str(kittiwake), str(stork))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == (f"{kittiwake}: a waterbird, but not one of the 23 species this model knows "
-                        "(closest: red-backed sandpiper)")
-    assert lines[1].startswith(f"{stork}: white stork, confidence ")
+                        "(closest: red-backed sandpiper, ruddy turnstone)")
+    assert lines[1].startswith(f"{stork}: white stork, confidence ") and lines[1].endswith("; next: black stork")
     answer = json.loads(_cli("predict", "--json", str(kittiwake)).stdout)
     assert answer["is_waterbird"] is True and answer["species_known"] is False
     assert 0 <= answer["species_confidence"] < 0.1
