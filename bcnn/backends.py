@@ -121,7 +121,9 @@ class _Slot:
         self.device_images = torch.empty((capacity, side, side, 3), dtype=torch.uint8, device=device)
         self.host_logits = torch.empty(0, pin_memory=True)
         self.copied = torch.cuda.Event()
-        self.done = torch.cuda.Event()
+        # Waited on by the completion thread: a blocking event yields its core while it waits, where the default
+        # one spins on it (the GIL is released either way).
+        self.done = torch.cuda.Event(blocking=True)
         self.n = 0
 
     def fits(self, n: int, side: int) -> bool:
@@ -161,13 +163,17 @@ class _CudaStaging:
             capacity = max(n, slot.capacity if slot is not None and slot.side == side else 0)
             slot = _Slot(self.device, 1 << (capacity - 1).bit_length(), side)  # a power of two: few reallocations
         slot.n = n
-        offset = 0
-        for b in batches:
-            slot.host[offset:offset + len(b)].copy_(torch.from_numpy(b))
-            offset += len(b)
-        with torch.cuda.stream(self.copy_stream):
-            slot.device_images[:n].copy_(slot.host[:n], non_blocking=True)
-            slot.copied.record(self.copy_stream)
+        try:
+            offset = 0
+            for b in batches:
+                slot.host[offset:offset + len(b)].copy_(torch.from_numpy(b))
+                offset += len(b)
+            with torch.cuda.stream(self.copy_stream):
+                slot.device_images[:n].copy_(slot.host[:n], non_blocking=True)
+                slot.copied.record(self.copy_stream)
+        except BaseException:
+            self.release(slot)
+            raise
         return slot
 
     def release(self, slot: _Slot) -> None:
