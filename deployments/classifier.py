@@ -158,7 +158,8 @@ class Classifier:
         weights = predictor.weights
         ends = list(itertools.accumulate(len(p.pixels) for p in parts))
         return [Scores(ranked[end - len(p.pixels):end], predictor.labels, weights.name, weights.version,
-                       inference_ms, images) for p, end in zip(parts, ends, strict=True)]
+                       inference_ms, images, resized=fitted is not p.pixels)
+                for p, fitted, end in zip(parts, pixels, ends, strict=True)]
 
     def _launch(self, predictor: Predictor, pixels: list[np.ndarray], top_k: int) -> Future[Ranked]:
         """On the inference thread: stage the batch and queue its forward pass, then hand the wait for the device

@@ -71,6 +71,8 @@ class Scores:
     inference_ms: float
     batch_size: int
     """images in the forward pass, other callers' included"""
+    resized: bool = False
+    """the images arrived at another input size (decoded for the model before a swap) and were resized to fit"""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class Classified:
     preprocess_ms: float
     inference_ms: float
     batch_size: int
+    resized: bool = False
+    """decoded for the model before a swap (`Scores.resized`): the ingress decodes it again for this one"""
 
 
 Outcome = Classified | ImageError

@@ -95,6 +95,13 @@ class Ingress:
         if isinstance(outcome, ImageError | Overloaded):
             raise outcome
         await self.model_card(seen_version=outcome.model_version)  # refreshes the cached card after a swap
+        if outcome.resized:
+            # Decoded with the card of the model before a swap to another input size, and resized to fit: decode
+            # it again for the model that answers, so that even the first answer after a swap is exact.
+            again = await self._pipeline(upload)
+            if isinstance(again, ImageError | Overloaded):
+                raise again
+            return again
         return outcome
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
@@ -197,7 +204,7 @@ def outcomes(uploads: list[_Upload], scored: ScoredBatch) -> list[Outcome]:
             continue
         s, row = next(rows)
         answered.append(Classified(s.ranked.answer(row, s.labels, upload.top_k), s.model_name, s.model_version,
-                                   next(preprocess_ms), s.inference_ms, s.batch_size))
+                                   next(preprocess_ms), s.inference_ms, s.batch_size, s.resized))
     return answered
 
 

@@ -137,3 +137,20 @@ def test_answers_at_448_match_the_model_in_process(service448: Service, vgg448: 
         body = _post(service448, data).json()
         assert [p["label"] for p in body["predictions"][:3]] == [p.label for p in expected.predictions]
         assert body["predictions"][0]["score"] == pytest.approx(expected.predictions[0].score, abs=1e-4)
+
+
+def test_the_first_answer_after_a_swap_to_another_input_size_is_decoded_for_the_new_model(
+        service448: Service, mapped_photos: list[Photo]) -> None:
+    """After the swap back from the 448 model to the default at 224, the ingress still holds the old model's
+    preprocessing until an answer shows the new version; the upload it decoded at 448 is decoded again at 224, so
+    the first answer is the in-process one, not a resized 448 crop."""
+    service448.deploy(load_config())
+    weights = get_weights("default")
+    predictor = Predictor(weights, device="cpu")
+    data = mapped_photos[0].path.read_bytes()
+    body = _post(service448, data).json()  # the first upload after the swap
+    with torch.inference_mode():
+        expected = predictor(preprocess_image(data, weights.preprocess)[None])[0]
+    assert body["model"]["name"] == weights.name
+    assert body["predictions"][0]["score"] == pytest.approx(expected.predictions[0].score, abs=1e-4)
+    assert body["species_confidence"] == pytest.approx(expected.species_confidence, abs=1e-4)
