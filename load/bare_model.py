@@ -217,10 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    report = {}
+    import torch
+
+    report: dict[str, Any] = {}
     for variant in args.variants.split(","):
-        report[variant] = in_subprocess(variant_rates, args.checkpoint, variant, sizes, args.seconds,
-                                        str(args.photos) if args.photos else None)
+        if variant in _NEEDS_CUDA and not torch.cuda.is_available():
+            report[variant] = {"skipped": "needs a CUDA GPU"}  # said here: no process started to find out
+        else:
+            report[variant] = in_subprocess(variant_rates, args.checkpoint, variant, sizes, args.seconds,
+                                            str(args.photos) if args.photos else None)
         print(f"{variant}: {json.dumps(report[variant])}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

