@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,17 @@ def run(args: Settings) -> dict[str, Any]:
     return report
 
 
+HELP = {
+    "idle": "idle CPU measured before the load, subtracted",
+    "callers": "batches in flight (ingress replicas x 4)",
+    "batch_size": "images per call (the ingress's max_batch_size)",
+    "simulate": "the simulated device even where there is a GPU",
+    "fixed_ms": "simulated device: ms per forward pass",
+    "per_image_ms": "simulated device: and per image",
+    "time_scale": "simulated device: this many times slower than the H200 (a slow CPU can feed it)",
+}
+
+
 def table(reports: dict[str, dict[str, Any]]) -> str:
     """One row per report: what the Classifier answered against what its device could do."""
     lines = ["| run | device | images/s | device's limit at the sizes seen | device busy | images per pass | "
@@ -236,29 +247,14 @@ def plot(reports: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = Settings()
     parser = argparse.ArgumentParser(prog="python -m load.bench --profile classifier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=defaults.seconds)
-    parser.add_argument("--warmup", type=float, default=defaults.warmup)
-    parser.add_argument("--idle", type=float, default=defaults.idle,
-                        help="idle CPU measured before the load, subtracted")
-    parser.add_argument("--callers", type=int, default=defaults.callers,
-                        help="batches in flight (ingress replicas x 4)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                        help="images per call (the ingress's max_batch_size)")
-    parser.add_argument("--distinct-batches", type=int, default=defaults.distinct_batches)
-    parser.add_argument("--input-size", type=int, default=defaults.input_size)
-    parser.add_argument("--classifiers-per-gpu", type=int, default=defaults.classifiers_per_gpu)
-    parser.add_argument("--simulate", action="store_true", help="the simulated device even where there is a GPU")
-    parser.add_argument("--fixed-ms", type=float, default=defaults.fixed_ms,
-                        help="simulated device: ms per forward pass")
-    parser.add_argument("--per-image-ms", type=float, default=defaults.per_image_ms,
-                        help="simulated device: and per image")
-    parser.add_argument("--time-scale", type=float, default=defaults.time_scale,
-                        help="simulated device: this many times slower than the H200 (a slow CPU can feed it)")
-    parser.add_argument("--logical-cpus", type=int, default=defaults.logical_cpus)
-    parser.add_argument("--photos", type=Path, default=defaults.photos)
+    for field in fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default, help=HELP.get(field.name))
     parser.add_argument("--out", type=Path, help="write the report as JSON here too")
     parser.add_argument("--plot", type=Path, metavar="FOLDER",
                         help="measure nothing: plot and tabulate the reports in FOLDER (FOLDER/summary.png)")
