@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,7 +23,22 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 PYTHONS = ("3.11", "3.12", "3.13")
 # Versions the README claims work: the suite's, and what the GPU machines measured here came with.
 CLAIMED = {"torch": ("2.11.0", "2.14.1"), "torchvision": ("0.26.0", "0.29.1"), "ray": ("2.60.0",)}
-INDEX = "https://pypi.org/simple/"
+
+
+def _configured_index() -> str:
+    """The index pip is configured with here (`index-url` in its environment or configuration files), else pip's
+    own default: the test asks whatever index `make` would install from."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    urls = [line.split("=", 1)[1].strip().strip("'\"") for line in listed.splitlines()
+            if line.split("=", 1)[0].endswith(".index-url")]
+    if urls:
+        return urls[0].rstrip("/") + "/"
+    from pip._internal.models.index import PyPI  # pip's default index, as pip itself names it
+
+    return PyPI.simple_url.rstrip("/") + "/"
+
+
+INDEX = _configured_index()
 MANYLINUX = [*(f"manylinux_2_{minor}_x86_64" for minor in range(39, 4, -1)),
              "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
 
