@@ -89,21 +89,20 @@ def _fit_device(checkpoint: str, sizes: tuple[int, int] = (8, 64), seconds: floa
             "bare_model_images_per_s": rates}
 
 
-def _deploy(checkpoint: str, classifiers: int, simulated: dict[str, float] | None) -> Any:
-    """The Classifier alone, as serve_config.yaml deploys it, one replica per GPU (or several sharing it)."""
-    import yaml
+def _deploy(checkpoint: str, classifiers_per_gpu: int, simulated: dict[str, float] | None) -> Any:
+    """The Classifier alone, as serve_config.yaml deploys it on one GPU (one replica, or several sharing it)."""
     from ray import serve
 
     from deployments.classifier import Classifier
 
-    settings = harness.deployment(yaml.safe_load((harness.ROOT / "serve_config.yaml").read_text()), "Classifier")
-    user_config = {**settings["user_config"], "checkpoint": checkpoint}
+    settings = harness.deployment(harness.production_config(checkpoint, classifiers_per_gpu=classifiers_per_gpu),
+                                  "Classifier")
+    user_config = settings["user_config"]
     if simulated is not None:
         user_config["simulated_device"] = simulated
-    actor_options = {**settings["ray_actor_options"], "num_gpus": round(1 / classifiers, 3)}
-    app = Classifier.options(num_replicas=classifiers, max_ongoing_requests=settings["max_ongoing_requests"],
-                             max_queued_requests=settings["max_queued_requests"], ray_actor_options=actor_options,
-                             user_config=user_config).bind()
+    options = {k: settings[k] for k in ("num_replicas", "max_ongoing_requests", "max_queued_requests",
+                                        "ray_actor_options")}
+    app = Classifier.options(**options, user_config=user_config).bind()
     return serve.run(app, name=APP, route_prefix=None)
 
 

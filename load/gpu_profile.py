@@ -136,7 +136,7 @@ def limits(uploads: list[Upload], checkpoint: str, batch_sizes: tuple[int, ...],
 
 
 def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int, ...], seconds: float,
-                warmup_s: float, cooldown_s: float, classifiers: int, gpus: int, cpus: int | None,
+                warmup_s: float, cooldown_s: float, classifiers_per_gpu: int, gpus: int, cpus: int | None,
                 env: dict[str, str], generator: str, py_spy_users: int | None = None,
                 out: Path = harness.RESULTS) -> dict[str, Any]:
     """The production file at each point; with `py_spy_users`, the Classifier processes profiled at that point."""
@@ -145,12 +145,10 @@ def our_service(models: dict[str, str], uploads: list[Upload], users: tuple[int,
     with harness.ray_cluster(env, num_cpus=cpus, num_gpus=gpus), Sampler() as sampler:
         for name, checkpoint in models.items():
             sampler.phase = f"{name}:deploy"
-            config = harness.production_config(checkpoint, classifiers=classifiers)
-            if classifiers > gpus:  # Ray's fractional GPUs: several replicas share each GPU
-                classifier = harness.deployment(config, "Classifier")
-                classifier["ray_actor_options"]["num_gpus"] = round(gpus / classifiers, 3)
+            config = harness.production_config(checkpoint, gpus=gpus, classifiers_per_gpu=classifiers_per_gpu)
             harness.deploy(config, env, uploads[0], model_name=harness.model_name(checkpoint))
-            print(f"our service, {name} (serve_config.yaml, {classifiers} Classifier replicas on {gpus} GPUs):",
+            print(f"our service, {name} (serve_config.yaml, {classifiers_per_gpu} Classifier replicas per GPU, "
+                  f"{gpus} GPUs):",
                   flush=True)
             sampler.phase = f"{name}:warmup"
             asyncio.run(run_load(url, uploads, users=64, seconds=warmup_s, timeout_s=120))
@@ -277,7 +275,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
     env = harness.serve_env(args.proxy)
     generator = args.generator if args.generator != "auto" else ("wrk" if wrk.available() else "python")
-    classifiers = gpus * args.classifiers_per_gpu
     print(f"{len(uploads)} photos from {harness.PHOTOS}; {gpus} GPU(s), {cores} cores", flush=True)
 
     report: dict[str, Any] = {
@@ -293,7 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, checkpoint in models.items():
         print(f"limits, {name}:", flush=True)
         report["limits"][name] = limits(uploads, checkpoint, batch_sizes, args.limit_seconds, cores)
-    report["ours"] = our_service(models, uploads, users, args.seconds, args.warmup, args.cooldown, classifiers,
+    report["ours"] = our_service(models, uploads, users, args.seconds, args.warmup, args.cooldown,
+                                 args.classifiers_per_gpu,
                                  gpus, args.logical_cpus, env, generator, args.py_spy_users, args.out)
     report["seed_baseline"] = seed_design(models, uploads, users, args.seconds, args.seed_workers or cores, generator)
     report["targets"] = targets(report)

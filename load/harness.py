@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,17 +52,18 @@ def ray_cluster(env: dict[str, str], *, num_cpus: int | None = None, num_gpus: i
         stop_ray(env, force=True)
 
 
-def production_config(checkpoint: str, *, classifiers: int = 1, skip_forward: bool = False) -> dict[str, Any]:
-    """serve_config.yaml with HTTP on loopback, the checkpoint, `classifiers` Classifier replicas (one per GPU), the
-    forward pass skipped or not."""
+def production_config(checkpoint: str, *, gpus: int = 1, classifiers_per_gpu: int = 1,
+                      skip_forward: bool = False) -> dict[str, Any]:
+    """serve_config.yaml with HTTP on loopback, the checkpoint, one Classifier replica per GPU (or several sharing
+    each, Ray's fractional GPUs), the forward pass skipped or not."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["host"] = "127.0.0.1"
-    for d in deployments(config):
-        if d["name"] == "Classifier":
-            d.pop("autoscaling_config", None)
-            d["num_replicas"] = classifiers
-            d["user_config"]["checkpoint"] = checkpoint
-            d["user_config"]["skip_forward"] = skip_forward
+    classifier = deployment(config, "Classifier")
+    classifier.pop("autoscaling_config", None)
+    classifier["num_replicas"] = gpus * classifiers_per_gpu
+    classifier["user_config"].update(checkpoint=checkpoint, skip_forward=skip_forward)
+    if classifiers_per_gpu > 1:
+        classifier["ray_actor_options"]["num_gpus"] = round(1 / classifiers_per_gpu, 3)
     return config
 
 
@@ -85,12 +87,10 @@ def deploy(config: dict[str, Any], env: dict[str, str], upload: Upload, *, model
     """`serve deploy`, then wait until the application is RUNNING and answers with `model_name` (right after a
     deploy that swaps the model, `serve status` can still show the previous one RUNNING) and, where given, runs on
     `backend`. Returns the backend the Classifiers run."""
-    path = RESULTS / f".deploy-{os.getpid()}-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    try:
-        subprocess.run([*cli("serve"), "deploy", str(path)], env=env, check=True, capture_output=True)
-    finally:
-        path.unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="deploy-") as path:
+        yaml.safe_dump(config, path)
+        path.flush()
+        subprocess.run([*cli("serve"), "deploy", path.name], env=env, check=True, capture_output=True)
     deadline = time.monotonic() + timeout_s
     last: object = None
     while time.monotonic() < deadline:

@@ -84,24 +84,25 @@ class Ingress:
     async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified:
         upload = _Upload(data, top_k, request_id, deadline)
         try:
-            outcome = await self._pipeline(upload)
+            outcome = await self._classified(upload)
         except Exception as e:
             if not replica_lost(e):
                 raise
             # A replica died mid-request (a crash, a node gone): the bytes are still here, so try once more;
             # Serve routes around the dead replica.
             log.warning("replica lost (%s); retrying once", type(e).__name__)
-            outcome = await self._pipeline(upload)
-        if isinstance(outcome, ImageError | Overloaded):
-            raise outcome
+            outcome = await self._classified(upload)
         await self.model_card(seen_version=outcome.model_version)  # refreshes the cached card after a swap
         if outcome.resized:
             # Decoded with the card of the model before a swap to another input size, and resized to fit: decode
             # it again for the model that answers, so that even the first answer after a swap is exact.
-            again = await self._pipeline(upload)
-            if isinstance(again, ImageError | Overloaded):
-                raise again
-            return again
+            outcome = await self._classified(upload)
+        return outcome
+
+    async def _classified(self, upload: _Upload) -> Classified:
+        outcome = await self._pipeline(upload)
+        if isinstance(outcome, ImageError | Overloaded):
+            raise outcome
         return outcome
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
