@@ -17,6 +17,7 @@ SERVE=.venv/bin/serve
 PY=.venv/bin/python
 # Like the production clusters: gRPC between replicas and HAProxy in front of them (whatever the caller's environment).
 export RAY_AUTH_MODE=token RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+export RAY_SERVE_HAPROXY_BINARY_PATH="$PWD/.venv/bin/waterbirds-haproxy"  # client addresses for fair admission
 CONFIG=/tmp/waterbirds-local-cluster.yaml
 REDIS_DIR=/tmp/waterbirds-redis
 REDIS_PORT=6380

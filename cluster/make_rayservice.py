@@ -26,6 +26,11 @@ ENV = [
     # node at about 120 requests/s (docs/performance.md, "Serving cost per request").
     {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
     {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+    # ... run through waterbirds-haproxy (the image's console script), which appends each client's address to
+    # X-Forwarded-For for fair admission per client (serve_app/haproxy.py). Kubernetes keeps a client's address
+    # up to the pod only with `externalTrafficPolicy: Local` on the service, or a load balancer that appends it
+    # to X-Forwarded-For and is listed in the Ingress's `trusted_proxies` (docs/serving.md, "Who a client is").
+    {"name": "RAY_SERVE_HAPROXY_BINARY_PATH", "value": "/home/ray/anaconda3/bin/waterbirds-haproxy"},
     # With GCS fault tolerance a worker waits this long for a head that died to come back, serving meanwhile
     # (Ray's default, 60 s, is less than a new head pod may take to be scheduled and pull its image).
     {"name": "RAY_gcs_rpc_server_reconnect_timeout_s", "value": "600"},

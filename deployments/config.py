@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import ipaddress
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bcnn.backends import BackendName
 from bcnn.predict import DEFAULT_WATERBIRD_THRESHOLD
@@ -61,6 +63,12 @@ class IngressConfig(_Strict):
     # the CPU the answers need; held at the door, each costs one refusal per door_wait_s at most.
     door_wait_s: float = Field(2.0, ge=0, description="an upload that cannot be admitted waits this long at the "
                                "door, unread, for a place to free up, before it is refused")
+    # Fair admission (serve_app.admission): one client with hundreds of connections gets its share, and 429 past it.
+    min_client_share: int = Field(8, ge=1, description="places a client may always hold while the service has "
+                                  "room, however many clients share it")
+    trusted_proxies: tuple[str, ...] = Field((), description="networks (CIDR) of proxies in front of the service, "
+                                             "such as a load balancer, whose X-Forwarded-For is believed; the "
+                                             "cluster's own nodes are always trusted")
     max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")
@@ -70,6 +78,13 @@ class IngressConfig(_Strict):
     # (docs/serving.md, "Messages between stages").
     pixels_by_reference: bool = Field(True, description="pixels go Preprocessor -> Classifier through the object "
                                       "store; false: in gRPC messages through the ingress")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for network in value:  # a ValueError names the bad one; pydantic reports it with the field's name
+            ipaddress.ip_network(network, strict=False)
+        return value
 
     @model_validator(mode="after")
     def _wait_within_timeout(self) -> IngressConfig:

@@ -10,7 +10,9 @@
    (`load.serving_cost`);
 6. overload: retry storms of 400 and 1,000 users that ignore Retry-After, after 16 calm users, on the local profile
    and on the production file (VGG16-BCNN 448, forward skipped, replicas fixed) (`load.overload`);
-7. the Classifier alone against a simulated H200: how busy it keeps its device (`load.classifier_profile`);
+7. fairness: 16 polite users with one greedy client of 400 connections, from one address and from 50, on the local
+   profile (`load.fairness`);
+8. the Classifier alone against a simulated H200: how busy it keeps its device (`load.classifier_profile`);
 
 then writes `load/results/<date>.json`, a plot beside it, and the results tables into docs/performance.md.
 """
@@ -33,7 +35,7 @@ from typing import Any
 import httpx
 import yaml
 
-from load import classifier_profile, harness, overload, serving_cost
+from load import classifier_profile, fairness, harness, overload, serving_cost
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -41,6 +43,7 @@ USERS = (1, 8, 64, 400)
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 COST_MARKERS = ("<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
 OVERLOAD_MARKERS = ("<!-- bench-overload:start -->", "<!-- bench-overload:end -->")
+FAIRNESS_MARKERS = ("<!-- bench-fairness:start -->", "<!-- bench-fairness:end -->")
 CLASSIFIER_MARKERS = ("<!-- bench-classifier:start -->", "<!-- bench-classifier:end -->")
 
 
@@ -169,6 +172,9 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
     cost = serving_cost.run(uploads, node=node, seed_workers=workers)
     print("overload: retry storms of 400 and 1,000 users, local profile, then the production file:", flush=True)
     storms = [overload.run(uploads, profile="local"), overload.run(uploads, profile="production", fixed_replicas=True)]
+    print("fairness: one greedy client (400 connections from one address, then from 50) and 16 polite users:",
+          flush=True)
+    fair = fairness.measure(uploads)
     print("the Classifier alone against a simulated H200:", flush=True)
     classifier = classifier_profile.run(classifier_profile.Settings(simulate=True))
     print(f"  {classifier['images_per_s']} of the device's {classifier['device_limit_images_per_s']} images/s "
@@ -208,6 +214,7 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
         "ratios": ratios,
         "serving_cost": cost,
         "overload": storms,
+        "fairness": fair,
         "classifier_alone": classifier,
     }
 
@@ -340,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         harness.replace_doc_section(COST_MARKERS, cost)
         harness.replace_doc_section(CLASSIFIER_MARKERS, classifier_section(report))
         harness.replace_doc_section(OVERLOAD_MARKERS, overload.section(report["overload"], report["date"],
+                                                               report["machine"]["cpus"]))
+        harness.replace_doc_section(FAIRNESS_MARKERS, fairness.section(report["fairness"], report["date"],
                                                                report["machine"]["cpus"]))
     return 0
 

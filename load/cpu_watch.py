@@ -8,6 +8,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -110,3 +111,22 @@ def busy_ms_by_role(idle: CpuWatch, load: CpuWatch) -> tuple[dict[str, float], d
         rate = rates.get(pid, statistics.fmean(per_role[s.role]) if per_role[s.role] else 0.0)
         busy[s.role] += max(0.0, (s.last_cpu - s.first_cpu) - rate * (s.last_at - s.first_at)) * 1000
     return dict(busy), dict(idle_cores)
+
+
+# Roles a request or a refusal passes through; the rest of Ray is reported but not charged to either.
+REQUEST_ROLES = ("HAProxy", "Ingress", "Preprocessor", "Classifier", "Ray raylet")
+
+# Fewer refusals than this leave their cost inside the noise of the answers' CPU.
+MIN_REFUSALS = 1000
+
+
+def refusal_cost(calm: dict[str, Any], storm: dict[str, Any]) -> dict[str, float]:
+    """CPU ms per refusal by role: the storm's CPU less its answers at the calm point's cost per answer."""
+    refused = storm["overloaded_503"] + storm.get("over_share_429", 0)
+    if refused < MIN_REFUSALS or not calm["ok"]:
+        return {}
+    cost = {}
+    for role in REQUEST_ROLES:
+        per_answer = calm["cpu_ms"].get(role, 0.0) / calm["ok"]
+        cost[role] = round(max(0.0, storm["cpu_ms"].get(role, 0.0) - storm["ok"] * per_answer) / refused, 3)
+    return cost

@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,8 @@ class LoadResult:
             "requests": len(self.outcomes),
             "ok": len(ok),
             "overloaded_503": self.statuses.get(503, 0),
-            "failed": len(self.outcomes) - len(ok) - self.statuses.get(503, 0),
+            "over_share_429": self.statuses.get(429, 0),
+            "failed": len(self.outcomes) - len(ok) - self.statuses.get(503, 0) - self.statuses.get(429, 0),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "throughput_rps": round(self.throughput(), 2),
             "latency_ms_p50": round(self.percentile_ms(50), 1),
@@ -91,38 +93,46 @@ def load_uploads(folder: str | Path, *, limit: int | None = None, raw_every: int
 
 async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: float | None = None,
                    requests_per_user: int | None = None, timeout_s: float = 60.0, field_name: str = "file",
-                   stop: asyncio.Event | None = None, honour_retry_after: bool = True) -> LoadResult:
+                   stop: asyncio.Event | None = None, honour_retry_after: bool = True,
+                   local_addresses: Sequence[str] = ()) -> LoadResult:
     """Run until `seconds` pass, each user has sent `requests_per_user`, or `stop` is set. With
-    `honour_retry_after` false, a refused user sends again at once, as retry loops and impatient apps do."""
+    `honour_retry_after` false, a refused user (503 or 429) sends again at once, as retry loops and impatient apps
+    do. With `local_addresses` (loopback has all of 127.0.0.0/8), user i connects from address i modulo their
+    number: as many clients as addresses, as the service tells clients apart."""
     if seconds is None and requests_per_user is None and stop is None:
         raise ValueError("give seconds, requests_per_user or stop")
     result = LoadResult(users=users, seconds=0.0)
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     start = time.perf_counter()
     deadline = start + seconds if seconds is not None else float("inf")
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        limit=0, force_close=False, local_addr=(address, 0) if address else None), timeout=timeout)
+        for address in (local_addresses or [""])]
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def user(index: int) -> None:
-            uploads_cycle = itertools.islice(itertools.cycle(uploads), index, None)
-            sent = 0
-            while time.perf_counter() < deadline and (requests_per_user is None or sent < requests_per_user):
-                if stop is not None and stop.is_set():
-                    return
-                upload = next(uploads_cycle)
-                t0, sent_at = time.perf_counter(), time.monotonic()
-                try:
-                    async with session.post(url, **upload.request_kwargs(field_name)) as response:
-                        await response.read()
-                        result.outcomes.append(Outcome(response.status, time.perf_counter() - t0, sent_at=sent_at))
-                        retry_after = response.headers.get("Retry-After", "")
-                    if honour_retry_after and response.status == 503 and retry_after.isdigit():
-                        await asyncio.sleep(min(int(retry_after), 5))  # as a well-behaved client would
-                except (aiohttp.ClientError, TimeoutError) as e:
-                    result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}", sent_at))
-                sent += 1
+    async def user(index: int) -> None:
+        session = sessions[index % len(sessions)]
+        uploads_cycle = itertools.islice(itertools.cycle(uploads), index, None)
+        sent = 0
+        while time.perf_counter() < deadline and (requests_per_user is None or sent < requests_per_user):
+            if stop is not None and stop.is_set():
+                return
+            upload = next(uploads_cycle)
+            t0, sent_at = time.perf_counter(), time.monotonic()
+            try:
+                async with session.post(url, **upload.request_kwargs(field_name)) as response:
+                    await response.read()
+                    result.outcomes.append(Outcome(response.status, time.perf_counter() - t0, sent_at=sent_at))
+                    retry_after = response.headers.get("Retry-After", "")
+                if honour_retry_after and response.status in (429, 503) and retry_after.isdigit():
+                    await asyncio.sleep(min(int(retry_after), 5))  # as a well-behaved client would
+            except (aiohttp.ClientError, TimeoutError) as e:
+                result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}", sent_at))
+            sent += 1
 
+    try:
         await asyncio.gather(*(user(i) for i in range(users)))
+    finally:
+        await asyncio.gather(*(session.close() for session in sessions))
     result.seconds = time.perf_counter() - start
     return result
 

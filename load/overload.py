@@ -25,12 +25,9 @@ import yaml
 
 from load import harness
 from load.checkpoints import random_bcnn_checkpoint
-from load.cpu_watch import CpuWatch, busy_ms_by_role
+from load.cpu_watch import CpuWatch, busy_ms_by_role, refusal_cost
 from load.harness import SERVICE_URL as URL
 from load.loadgen import Upload, load_uploads, run_load
-
-# Roles a request or a refusal passes through; the rest of Ray is reported but not charged to either.
-REQUEST_ROLES = ("HAProxy", "Ingress", "Preprocessor", "Classifier", "Ray raylet")
 
 
 def point(url: str, uploads: list[Upload], idle: CpuWatch, *, users: int, seconds: float,
@@ -45,22 +42,6 @@ def point(url: str, uploads: list[Upload], idle: CpuWatch, *, users: int, second
     return {**summary, "honour_retry_after": honour_retry_after,
             "refused_per_s": round(summary["overloaded_503"] / result.seconds, 1),
             "cpu_ms": {r: round(ms, 1) for r, ms in sorted(busy.items())}}
-
-
-# Fewer refusals than this leave their cost inside the noise of the answers' CPU.
-MIN_REFUSALS = 1000
-
-
-def refusal_cost(calm: dict[str, Any], storm: dict[str, Any]) -> dict[str, float]:
-    """CPU ms per refusal by role: the storm's CPU less its answers at the calm point's cost per answer."""
-    refused = storm["overloaded_503"]
-    if refused < MIN_REFUSALS or not calm["ok"]:
-        return {}
-    cost = {}
-    for role in REQUEST_ROLES:
-        per_answer = calm["cpu_ms"].get(role, 0.0) / calm["ok"]
-        cost[role] = round(max(0.0, storm["cpu_ms"].get(role, 0.0) - storm["ok"] * per_answer) / refused, 3)
-    return cost
 
 
 def after(uploads: list[Upload], requests: int = 10) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from bcnn.preprocess import EmptyImage, ImageError, ImageTooLarge, InvalidImage, UnsupportedFormat
-from serve_app.admission import Overloaded
+from serve_app.admission import Overloaded, OverShare
 
 
 class ApiError(Exception):
@@ -38,7 +38,7 @@ def to_api_error(exc: BaseException, *, retry_after_s: int = 1) -> ApiError:
         status = next((s for t, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, t)), 400)
         return ApiError(status, exc.code, _message(exc))
     if isinstance(exc, Overloaded):
-        return overloaded(exc.retry_after_s)
+        return refusal(exc)
     if isinstance(exc, BackPressureError):
         return overloaded(retry_after_s)
     if isinstance(exc, TimeoutError):
@@ -49,6 +49,17 @@ def to_api_error(exc: BaseException, *, retry_after_s: int = 1) -> ApiError:
 def overloaded(retry_after_s: int) -> ApiError:
     return ApiError(503, "overloaded", f"The service is at capacity; try again in {retry_after_s} s.",
                     {"Retry-After": str(retry_after_s)})
+
+
+def over_share(retry_after_s: int) -> ApiError:
+    return ApiError(429, "too_many_requests", "This client has more uploads in progress than its share of the "
+                    f"service while others are waiting; try again in {retry_after_s} s.",
+                    {"Retry-After": str(retry_after_s)})
+
+
+def refusal(exc: Overloaded) -> ApiError:
+    """Admission's refusal: 429 for a client over its share, 503 when the service as a whole is full."""
+    return (over_share if isinstance(exc, OverShare) else overloaded)(exc.retry_after_s)
 
 
 def _message(exc: BaseException) -> str:

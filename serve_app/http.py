@@ -23,12 +23,13 @@ from deployments.config import IngressConfig
 from deployments.messages import Classified, ModelCard
 from deployments.metrics import IngressMetrics
 from serve_app.admission import Admission, Overloaded
+from serve_app.client_identity import ClientIdentity
 from serve_app.errors import (
     ApiError,
     error_response,
     handle_http_exception,
     handle_unexpected,
-    overloaded,
+    refusal,
     to_api_error,
 )
 from serve_app.openapi import OPENAPI
@@ -39,6 +40,7 @@ log = logging.getLogger("ray.serve")
 class Pipeline(Protocol):
     config: IngressConfig
     admission: Admission
+    identity: ClientIdentity
 
     async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified: ...
 
@@ -156,9 +158,10 @@ def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
 
 
 ARRIVED = "waterbirds.arrived"  # scope key: time.monotonic() when an upload reached the door
+CLIENT = "waterbirds.client"  # scope key: the client's address (serve_app.client_identity)
 
 
-def admitted(app: ASGIApp, admission: Admission) -> ASGIApp:
+def admitted(app: ASGIApp, admission: Admission, identity: ClientIdentity) -> ASGIApp:
     """Admission of uploads, outside everything else: a refusal is answered from here with a body made once, before
     the upload is read and without Starlette's routing, so that refusing costs little even when thousands of
     clients retry at once. Refusals are logged once a second in one line, not one line each."""
@@ -169,34 +172,36 @@ def admitted(app: ASGIApp, admission: Admission) -> ASGIApp:
             await app(scope, receive, send)
             return
         scope[ARRIVED] = time.monotonic()  # the request's deadline counts from here, the wait at the door included
+        client = scope[CLIENT] = identity.client_of(scope)
         try:
-            await admission.enter()
+            await admission.enter(client)
         except Overloaded as e:
             refusals.refused(e, admission)
-            await _send_refusal(send, e.retry_after_s)
+            await _send_refusal(send, e)
             return
         answered = False
         try:
             await app(scope, receive, send)
             answered = True
         finally:
-            admission.release(answered=answered)
+            admission.release(client, answered=answered)
 
     return wrapper
 
 
-_REFUSAL_BODIES: dict[int, bytes] = {}
+_REFUSAL_BODIES: dict[tuple[int, int], bytes] = {}
 
 
-async def _send_refusal(send: Send, retry_after_s: int) -> None:
-    body = _REFUSAL_BODIES.get(retry_after_s)
+async def _send_refusal(send: Send, refused: Overloaded) -> None:
+    key = (refused.status, refused.retry_after_s)
+    body = _REFUSAL_BODIES.get(key)
     if body is None:
-        error = overloaded(retry_after_s)
-        body = _REFUSAL_BODIES[retry_after_s] = json.dumps({"error": {"code": error.code, "message": error.message}},
-                                                             separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": 503,
+        error = refusal(refused)
+        body = _REFUSAL_BODIES[key] = json.dumps({"error": {"code": error.code, "message": error.message}},
+                                                 separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": refused.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(retry_after_s).encode())]})
+                            (b"retry-after", str(refused.retry_after_s).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -207,22 +212,28 @@ class RefusalLog:
     def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.count = 0
+        self.over_share = 0
         self.since = time.monotonic()
 
     def refused(self, error: Overloaded, admission: Admission) -> None:
         self.count += 1
+        self.over_share += error.status == 429
         now = time.monotonic()
         if now - self.since >= self.interval_s:
-            log.info("refused %d uploads in %.1f s (%s; %d held, %d at the door, Retry-After %d s)", self.count,
-                     now - self.since, error, admission.held, admission.waiting, error.retry_after_s,
-                     extra={"access": {"route": "/classify", "status": 503, "error_code": "overloaded",
-                                       "refused": self.count}})
-            self.count, self.since = 0, now
+            log.info("refused %d uploads in %.1f s, %d of them 429 (last: %s; %d held by %d clients, %d at the "
+                     "door, Retry-After %d s)", self.count, now - self.since, self.over_share, error, admission.held,
+                     admission.clients, admission.waiting, error.retry_after_s,
+                     extra={"access": {"route": "/classify", "status": error.status,
+                                       "error_code": refusal(error).code, "refused": self.count,
+                                       "refused_429": self.over_share}})
+            self.count, self.over_share, self.since = 0, 0, now
 
 
-def access_log(request_id: str, status: int, total_ms: float, result: Classified | None, code: str = "") -> None:
+def access_log(request_id: str, client: str, status: int, total_ms: float, result: Classified | None,
+               code: str = "") -> None:
     """One structured line per /classify request (JSON through Serve's logging; never image bytes)."""
-    fields: dict[str, object] = {"route": "/classify", "status": status, "latency_ms": round(total_ms, 2)}
+    fields: dict[str, object] = {"route": "/classify", "client": client, "status": status,
+                                 "latency_ms": round(total_ms, 2)}
     if result is not None:
         fields.update(preprocess_ms=round(result.preprocess_ms, 2), inference_ms=round(result.inference_ms, 2),
                       batch_size=result.batch_size, species=result.answer.predictions[0].label,
@@ -245,19 +256,21 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         config = pipeline.config
         deadline = request.scope.get(ARRIVED, time.monotonic()) + config.request_timeout_s
         request_id = request.headers.get("x-request-id", "")
+        client = request.scope.get(CLIENT, "")
         try:
             top_k = _top_k(request, config.default_top_k)
             async with asyncio.timeout(deadline - time.monotonic()):
                 data = await read_upload(request, config)
-                result = await pipeline.classify(data, top_k, request_id, deadline)
+                async with pipeline.admission.turn(client):
+                    result = await pipeline.classify(data, top_k, request_id, deadline)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
             error = to_api_error(e, retry_after_s=config.retry_after_s)
             if error.status >= 500 and error.status != 503:
                 log.exception("classify failed (%s)", error.code)
-            access_log(request_id, error.status, (time.perf_counter() - start) * 1000, None, error.code)
+            access_log(request_id, client, error.status, (time.perf_counter() - start) * 1000, None, error.code)
             return error_response(error)
         total_ms = (time.perf_counter() - start) * 1000
-        access_log(request_id, 200, total_ms, result)
+        access_log(request_id, client, 200, total_ms, result)
         if metrics is not None:
             metrics.latency.observe(total_ms)
             top = result.answer.predictions[0]
@@ -289,5 +302,5 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         ],
         exception_handlers={HTTPException: handle_http_exception, Exception: handle_unexpected},
     )
-    guarded = admitted(app, pipeline.admission)
+    guarded = admitted(app, pipeline.admission, pipeline.identity)
     return observed(guarded, metrics) if metrics is not None else guarded

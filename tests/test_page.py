@@ -146,27 +146,32 @@ def test_dashboard_serve_page_shows_the_application(browser, service: Service) -
         context.close()
 
 
-def test_a_busy_service_is_waited_for_and_retried(page, service: Service, mapped_photos: list[Photo]) -> None:  # noqa: ANN001
-    """The first upload is answered with the service's own overload refusal (503, Retry-After: 2); the page says
-    it will try again, waits, and the retry reaches the real service."""
+@pytest.mark.parametrize(("status", "saying"), [(503, "The service is busy. Trying"),
+                                                (429, "busy with uploads from this device")])
+def test_a_busy_service_is_waited_for_and_retried(page, service: Service, mapped_photos: list[Photo],  # noqa: ANN001
+                                                  status: int, saying: str) -> None:
+    """The first upload is answered with one of the service's own refusals (503: the service is full; 429: this
+    client is over its share; Retry-After: 2); the page says which, waits, and the retry reaches the real service."""
     import json
 
-    from serve_app.errors import overloaded
+    from serve_app.admission import Overloaded, OverShare
+    from serve_app.errors import refusal
 
-    refusal = overloaded(2)
-    body = json.dumps({"error": {"code": refusal.code, "message": refusal.message}})
+    refused = refusal((OverShare if status == 429 else Overloaded)("test", 2))
+    body = json.dumps({"error": {"code": refused.code, "message": refused.message}})
     sent: list[str] = []
 
     def first_refused(route) -> None:  # noqa: ANN001
         sent.append(route.request.url)
         if len(sent) == 1:
-            route.fulfill(status=503, headers=refusal.headers, content_type="application/json", body=body)
+            route.fulfill(status=status, headers=refused.headers, content_type="application/json", body=body)
         else:
             route.continue_()
 
     page.route("**/classify*", first_refused)
     photo = mapped_photos[0]
     page.get_by_label("Drop a photo here or choose one").set_input_files(str(photo.path))
+    page.wait_for_function(f"document.querySelector('#busy').textContent.includes({saying!r})", timeout=10_000)
     page.wait_for_function("document.querySelector('#busy').textContent.includes('again in 2 s')", timeout=10_000)
     page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
     assert len(sent) == 2

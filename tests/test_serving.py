@@ -405,6 +405,31 @@ def test_the_serving_model_stays_in_prometheus_long_after_it_loaded(service: Ser
     assert [s for s, v in metrics["ray_waterbirds_model_info"] if v == 1]
 
 
+def _haproxy_config() -> str:
+    """The configuration Serve gave its HAProxy last (its folder is named after the node)."""
+    return max(Path("/tmp/haproxy-serve").glob("*/haproxy.cfg"), key=lambda p: p.stat().st_mtime).read_text()
+
+
+def test_a_forged_x_forwarded_for_does_not_change_who_the_client_is(service: Service,
+                                                                    mapped_photos: list[Photo]) -> None:
+    """A client's identity, for fair admission, is the address its connection came from as Serve's HAProxy saw it
+    (appended to X-Forwarded-For by `waterbirds-haproxy`); an X-Forwarded-For the client sends itself is not
+    believed, whether it goes through HAProxy or straight to a replica's own port."""
+    config = _haproxy_config()
+    assert "http-request add-header X-Forwarded-For %[src]" in config
+    replica = next(line.split()[2] for line in config.splitlines() if line.strip().startswith("server SERVE_REPLICA_"))
+    sent = {"through-haproxy": ("127.0.0.5", service.url), "straight-to-replica": ("127.0.0.6", f"http://{replica}")}
+    for request_id, (source, url) in sent.items():
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as client:
+            response = client.post(url + "/classify", content=mapped_photos[0].path.read_bytes(), timeout=60, headers={
+                "Content-Type": "image/jpeg", "X-Forwarded-For": "9.9.9.9", "X-Request-ID": f"forged-{request_id}"})
+        assert response.status_code == 200, response.text
+    # written before the answer was sent (the tests' Serve writes request logs at once)
+    clients = {r["request_id"]: r["access"]["client"] for logs in service.replica_logs("Ingress").values()
+               for r in logs if "access" in r and r.get("request_id", "").startswith("forged-")}
+    assert clients == {"forged-through-haproxy": "127.0.0.5", "forged-straight-to-replica": "127.0.0.6"}
+
+
 def test_one_structured_access_line_per_request(service: Service, mapped_photos: list[Photo]) -> None:
     photo = mapped_photos[1]
     _post(service, photo.path.read_bytes(), headers={"X-Request-ID": "access-log-7"})
@@ -413,6 +438,7 @@ def test_one_structured_access_line_per_request(service: Service, mapped_photos:
     ok = [r for r in records if r.get("request_id") == "access-log-7"]
     refused = [r for r in records if r.get("request_id") == "access-log-8"]
     assert len(ok) == 1 and len(refused) == 1
+    assert ok[0]["access"]["client"] == "127.0.0.1"  # the address the request came from, for fair admission
     assert ok[0]["access"]["status"] == 200 and ok[0]["access"]["species"] == photo.imagenet_label
     assert {"latency_ms", "preprocess_ms", "inference_ms", "is_waterbird"} <= ok[0]["access"].keys()
     assert refused[0]["access"] == {**refused[0]["access"], "status": 415, "error_code": "unsupported_format"}
