@@ -17,7 +17,8 @@ GAUGE_REFRESH_S = 1.0
 class IngressMetrics:
     def __init__(self) -> None:
         self.requests = Counter("waterbirds_requests", description="HTTP requests by route and outcome "
-                                "(ok, client_error, overloaded, server_error)", tag_keys=("route", "outcome"))
+                                "(ok, client_error, over_share, overloaded, server_error)",
+                                tag_keys=("route", "outcome"))
         self.predictions = Counter("waterbirds_predictions", description="Answers by top species and verdict",
                                    tag_keys=("species", "is_waterbird"))
         self.latency = Histogram("waterbirds_request_latency_ms", description="Whole /classify request, ms",
@@ -28,6 +29,8 @@ class IngressMetrics:
             outcome = "ok"
         elif status == 503:
             outcome = "overloaded"
+        elif status == 429:
+            outcome = "over_share"  # a client over its share of the service (serve_app.admission)
         elif status < 500:
             outcome = "client_error"
         else:

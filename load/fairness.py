@@ -56,7 +56,8 @@ def polite(url: str, uploads: list[Upload], *, users: int, seconds: float) -> di
 
 
 def _greedy(url: str, uploads: list[Upload], connections: int, addresses: list[str], running: Any, stop: Any) -> dict:
-    """The greedy client, in its own process until `stop` is set; `running` is set once it sends."""
+    """The greedy client, in its own process until `stop` is set (then it goes away, its requests in flight
+    abandoned); `running` is set once it sends."""
 
     async def main() -> LoadResult:
         stopped = asyncio.Event()
@@ -69,7 +70,7 @@ def _greedy(url: str, uploads: list[Upload], connections: int, addresses: list[s
 
         watcher = asyncio.create_task(watch())
         result = await run_load(url, uploads, users=connections, stop=stopped, timeout_s=120,
-                                honour_retry_after=False, local_addresses=addresses)
+                                honour_retry_after=False, local_addresses=addresses, abandon_on_stop=True)
         await watcher
         return result
 
@@ -98,7 +99,7 @@ def run(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seconds:
         with CpuWatch() as contended_cpu:
             report["contended"] = polite(url, uploads, users=users, seconds=seconds)
         stop.set()
-        report["greedy"] = greedy.result(timeout=180)  # after its last request in flight is answered
+        report["greedy"] = greedy.result(timeout=180)  # it went away with its requests in flight
     report["after"] = polite(url, uploads, users=users, seconds=after_seconds)
     calm_rps = max(report["calm"]["throughput_rps"], 1e-9)
     report["polite_share_of_calm"] = round(report["contended"]["throughput_rps"] / calm_rps, 3)
@@ -119,18 +120,26 @@ def _rounded(cpu_ms: dict[str, float]) -> dict[str, float]:
 
 
 def measure(uploads: list[Upload], *, greedy_address_counts: tuple[int, ...] = (1, 50),
-            seconds: float = 30.0) -> list[dict[str, Any]]:
-    """`run` for each count of greedy addresses, on a Ray cluster of its own with the local profile."""
+            seconds: float = 30.0, more_ingress_replicas: int = 2) -> list[dict[str, Any]]:
+    """`run` for each count of greedy addresses, on a Ray cluster of its own with the local profile (one Ingress
+    replica); then, one greedy address again with `more_ingress_replicas` Ingress replicas, HAProxy spreading the
+    connections over them and each sharing its own places."""
     env = harness.serve_env()
+    url = harness.SERVICE_URL + "/classify"
+    config = yaml.safe_load((harness.ROOT / "serve_config.local.yaml").read_text())
+    phases = [(1, greedy_address_counts)] + ([(more_ingress_replicas, (1,))] if more_ingress_replicas > 1 else [])
+    reports = []
     with harness.ray_cluster(env):
-        config = yaml.safe_load((harness.ROOT / "serve_config.local.yaml").read_text())
-        harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
-        url = harness.SERVICE_URL + "/classify"
-        polite(url, uploads, users=POLITE_USERS, seconds=15)  # warm: the rate admission decides with
-        with CpuWatch() as idle:
-            time.sleep(5)
-        return [run(url, uploads, seconds=seconds, calm_seconds=20, greedy_address_count=count, idle=idle)
-                for count in greedy_address_counts]
+        for replicas, counts in phases:
+            harness.deployment(config, "Ingress")["num_replicas"] = replicas
+            harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
+            polite(url, uploads, users=POLITE_USERS, seconds=15)  # warm: the rate admission decides with
+            with CpuWatch() as idle:
+                time.sleep(5)
+            for count in counts:
+                report = run(url, uploads, seconds=seconds, calm_seconds=20, greedy_address_count=count, idle=idle)
+                reports.append({**report, "ingress_replicas": replicas})
+    return reports
 
 
 def table(reports: list[dict[str, Any]]) -> str:
@@ -141,6 +150,8 @@ def table(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         who = (f"{r['greedy_connections']} connections from "
                + ("one address" if r["greedy_addresses"] == 1 else f"{r['greedy_addresses']} addresses"))
+        if r.get("ingress_replicas", 1) > 1:
+            who += f", {r['ingress_replicas']} Ingress replicas"
         c, g = r["contended"], r["greedy"]
         refusal = r.get("ms_per_refusal") or {}
         cost = f"{refusal.get('Ingress', 0) + refusal.get('HAProxy', 0):.2f}" if refusal else ""
@@ -163,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--greedy-addresses", default="1,50")
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--more-ingress-replicas", type=int, default=2,
+                        help="then one greedy address with this many Ingress replicas (0: not)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     uploads = [Upload(u.name, u.data) for u in load_uploads(harness.PHOTOS)]
     reports = measure(uploads, greedy_address_counts=tuple(int(n) for n in args.greedy_addresses.split(",")),
-                      seconds=args.seconds)
+                      seconds=args.seconds, more_ingress_replicas=args.more_ingress_replicas)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(reports, f, indent=2)

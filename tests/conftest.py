@@ -57,6 +57,23 @@ def service(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     yield from start_service(tmp_path_factory.mktemp("service"), load_config())
 
 
+@pytest.fixture(scope="session")
+def local_profile(service):  # noqa: ANN001, ANN201
+    """The same service with serve_config.local.yaml (`make serve`'s profile, whose settings are this CPU's)
+    deployed instead, for the tests that measure it under overload. Those run last (see below), so the production
+    file is never deployed again after them: a deploy that replaces every replica costs about a minute."""
+    from tests.service import load_config
+
+    config = load_config("serve_config.local.yaml")
+    service.deploy(config)
+    return config
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the local profile last, in their order (a stable sort)."""
+    items.sort(key=lambda item: "local_profile" in getattr(item, "fixturenames", ()))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001, ARG001
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "chromium" in r.keywords]
     if skipped:

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -246,15 +245,7 @@ def test_never_a_stack_trace_or_path_in_http_errors(service: Service) -> None:
         assert "Traceback" not in text and "/work" not in text and ".py" not in text
 
 
-# The overload tests, last in this module: they share one deployment of the local profile, whose settings are this
-# CPU's, and the production file is deployed again after them.
-
-@pytest.fixture(scope="module")
-def local_profile(service: Service) -> Iterator[dict]:
-    config = load_config("serve_config.local.yaml")
-    service.deploy(config)
-    yield config
-    service.deploy(load_config())
+# The overload tests run on the local profile (its settings are this CPU's), last in the session (conftest).
 
 
 def test_retry_storms_of_400_and_1000_users_keep_goodput_and_no_admitted_upload_times_out(
