@@ -130,3 +130,10 @@ def refusal_cost(calm: dict[str, Any], storm: dict[str, Any]) -> dict[str, float
         per_answer = calm["cpu_ms"].get(role, 0.0) / calm["ok"]
         cost[role] = round(max(0.0, storm["cpu_ms"].get(role, 0.0) - storm["ok"] * per_answer) / refused, 3)
     return cost
+
+
+def refusal_cost_cell(ms_per_refusal: dict[str, float] | None) -> str:
+    """What a refusal cost where it is answered (Ingress + HAProxy, CPU ms), for a table; empty where not measured."""
+    if not ms_per_refusal:
+        return ""
+    return f"{ms_per_refusal.get('Ingress', 0) + ms_per_refusal.get('HAProxy', 0):.2f}"

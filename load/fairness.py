@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from load import harness
-from load.cpu_watch import CpuWatch, busy_ms_by_role, refusal_cost
+from load.cpu_watch import CpuWatch, busy_ms_by_role, refusal_cost, refusal_cost_cell
 from load.loadgen import LoadResult, Upload, load_uploads, run_load
 
 POLITE_USERS = 16
@@ -153,8 +153,7 @@ def table(reports: list[dict[str, Any]]) -> str:
         if r.get("ingress_replicas", 1) > 1:
             who += f", {r['ingress_replicas']} Ingress replicas"
         c, g = r["contended"], r["greedy"]
-        refusal = r.get("ms_per_refusal") or {}
-        cost = f"{refusal.get('Ingress', 0) + refusal.get('HAProxy', 0):.2f}" if refusal else ""
+        cost = refusal_cost_cell(r.get("ms_per_refusal"))
         lines.append(f"| {who} | {r['calm']['throughput_rps']}, {c['throughput_rps']}, {r['after']['throughput_rps']} "
                      f"| {r['polite_share_of_calm']:.2f} | {c['latency_ms_p99'] / 1000:.2f} | {c['statuses']} | "
                      f"{g['statuses']} | {g['throughput_rps']} | {c['generator_cpu_share']:.0%}, "

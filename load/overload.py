@@ -25,7 +25,7 @@ import yaml
 
 from load import harness
 from load.checkpoints import random_bcnn_checkpoint
-from load.cpu_watch import CpuWatch, busy_ms_by_role, refusal_cost
+from load.cpu_watch import CpuWatch, busy_ms_by_role, refusal_cost, refusal_cost_cell
 from load.harness import SERVICE_URL as URL
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -108,8 +108,7 @@ def table(reports: list[dict[str, Any]]) -> str:
         for key in ["calm", *sorted((k for k in report if k.startswith("storm_")), key=lambda k: int(k[6:]))]:
             p = report[key]
             other = sum(v for k, v in p["statuses"].items() if k != "200" and k != "503")
-            refusal = p.get("ms_per_refusal") or {}
-            cost = f"{refusal.get('Ingress', 0) + refusal.get('HAProxy', 0):.2f}" if refusal else ""
+            cost = refusal_cost_cell(p.get("ms_per_refusal"))
             after = f"{p['after']['healthz']}, {p['after']['latency_ms_p50']:.0f} ms" if "after" in p else ""
             users = f"{p['users']}" + ("" if p["honour_retry_after"] else ", retrying at once")
             lines.append(f"| {name} | {users} | {p['throughput_rps']} | {p.get('goodput_ratio', 1.0):.2f} | "
