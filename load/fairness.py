@@ -56,8 +56,8 @@ def polite(url: str, uploads: list[Upload], *, users: int, seconds: float) -> di
 
 
 def _greedy(url: str, uploads: list[Upload], connections: int, addresses: list[str], running: Any, stop: Any) -> dict:
-    """The greedy client, in its own process until `stop` is set (then it goes away, its requests in flight
-    abandoned); `running` is set once it sends."""
+    """The greedy client, in its own process until `stop` is set (then its requests in flight are answered);
+    `running` is set once it sends."""
 
     async def main() -> LoadResult:
         stopped = asyncio.Event()
@@ -70,7 +70,7 @@ def _greedy(url: str, uploads: list[Upload], connections: int, addresses: list[s
 
         watcher = asyncio.create_task(watch())
         result = await run_load(url, uploads, users=connections, stop=stopped, timeout_s=120,
-                                honour_retry_after=False, local_addresses=addresses, abandon_on_stop=True)
+                                honour_retry_after=False, local_addresses=addresses)
         await watcher
         return result
 
@@ -99,7 +99,7 @@ def run(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seconds:
         with CpuWatch() as contended_cpu:
             report["contended"] = polite(url, uploads, users=users, seconds=seconds)
         stop.set()
-        report["greedy"] = greedy.result(timeout=180)  # it went away with its requests in flight
+        report["greedy"] = greedy.result(timeout=180)  # once its last requests in flight are answered
     report["after"] = polite(url, uploads, users=users, seconds=after_seconds)
     calm_rps = max(report["calm"]["throughput_rps"], 1e-9)
     report["polite_share_of_calm"] = round(report["contended"]["throughput_rps"] / calm_rps, 3)

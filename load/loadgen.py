@@ -94,12 +94,11 @@ def load_uploads(folder: str | Path, *, limit: int | None = None, raw_every: int
 async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: float | None = None,
                    requests_per_user: int | None = None, timeout_s: float = 60.0, field_name: str = "file",
                    stop: asyncio.Event | None = None, honour_retry_after: bool = True,
-                   local_addresses: Sequence[str] = (), abandon_on_stop: bool = False) -> LoadResult:
+                   local_addresses: Sequence[str] = ()) -> LoadResult:
     """Run until `seconds` pass, each user has sent `requests_per_user`, or `stop` is set (then each user's request
-    in flight is waited for, or with `abandon_on_stop` dropped and not counted, as a client that goes away). With
-    `honour_retry_after` false, a refused user (503 or 429) sends again at once, as retry loops and impatient apps
-    do. With `local_addresses` (loopback has all of 127.0.0.0/8), user i connects from address i modulo their
-    number: as many clients as addresses, as the service tells clients apart."""
+    in flight is waited for). With `honour_retry_after` false, a refused user (503 or 429) sends again at once, as
+    retry loops and impatient apps do. With `local_addresses` (loopback has all of 127.0.0.0/8), user i connects
+    from address i modulo their number: as many clients as addresses, as the service tells clients apart."""
     if seconds is None and requests_per_user is None and stop is None:
         raise ValueError("give seconds, requests_per_user or stop")
     result = LoadResult(users=users, seconds=0.0)
@@ -130,19 +129,9 @@ async def run_load(url: str, uploads: list[Upload], *, users: int, seconds: floa
                 result.outcomes.append(Outcome(0, time.perf_counter() - t0, f"{type(e).__name__}: {e}", sent_at))
             sent += 1
 
-    tasks = [asyncio.create_task(user(i)) for i in range(users)]
-    if abandon_on_stop and stop is not None:
-        async def abandon() -> None:
-            await stop.wait()
-            for task in tasks:
-                task.cancel()
-
-        watcher = asyncio.create_task(abandon())
     try:
-        await asyncio.gather(*tasks, return_exceptions=abandon_on_stop)
+        await asyncio.gather(*(user(i) for i in range(users)))
     finally:
-        if abandon_on_stop and stop is not None:
-            watcher.cancel()
         await asyncio.gather(*(session.close() for session in sessions))
     result.seconds = time.perf_counter() - start
     return result
