@@ -2,10 +2,11 @@
 
 16 polite users, each from an address of its own and honouring Retry-After, alone (calm); then the same 16 while a
 greedy client opens 400 connections and sends again the moment it is refused; then the polite users alone again,
-right after the greedy client has stopped. Loopback has all of 127.0.0.0/8, so every client is a real address to
-the service. The greedy client runs in a process of its own, so that its refusals do not slow the polite users'
-loop; each generator's own CPU is reported. With `greedy_addresses` > 1 its connections are spread over that many
-addresses: a small distributed abuse, where fairness per address gives each of them a share.
+from the moment the greedy client stops sending (its last requests still being answered). Loopback has all of
+127.0.0.0/8, so every client is a real address to the service. The greedy client runs in a process of its own, so
+that its refusals do not slow the polite users' loop; each generator's own CPU is reported. With
+`greedy_addresses` > 1 its connections are spread over that many addresses: a small distributed abuse, where
+fairness per address gives each of them a share.
 
     python -m load.fairness [--greedy-addresses 1,50] [--seconds 30] [--out FILE]
 
@@ -98,9 +99,9 @@ def run(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seconds:
             raise RuntimeError(f"the greedy client did not start: {greedy.exception(timeout=0)}")
         with CpuWatch() as contended_cpu:
             report["contended"] = polite(url, uploads, users=users, seconds=seconds)
-        stop.set()
-        report["greedy"] = greedy.result(timeout=180)  # once its last requests in flight are answered
-    report["after"] = polite(url, uploads, users=users, seconds=after_seconds)
+        stop.set()  # it sends nothing more; its last requests in flight are answered meanwhile
+        report["after"] = polite(url, uploads, users=users, seconds=after_seconds)
+        report["greedy"] = greedy.result(timeout=180)
     calm_rps = max(report["calm"]["throughput_rps"], 1e-9)
     report["polite_share_of_calm"] = round(report["contended"]["throughput_rps"] / calm_rps, 3)
     report["after_share_of_calm"] = round(report["after"]["throughput_rps"] / calm_rps, 3)
@@ -164,9 +165,9 @@ def table(reports: list[dict[str, Any]]) -> str:
 def section(reports: list[dict[str, Any]], date: str, cpus: int) -> str:
     return (f"Measured {date} on {cpus} CPUs (`make bench`, or alone: `python -m load.fairness`), local profile: "
             f"{POLITE_USERS} polite users alone (calm), then for {reports[0]['seconds']:g} s with the greedy "
-            f"client, then alone again (right after); every user a loopback address of its own, the greedy "
-            f"client's connections on the addresses said; each generator a process of its own, its CPU "
-            f"reported.\n\n{table(reports)}")
+            f"client, then alone again from the moment it stops sending (right after); every user a loopback "
+            f"address of its own, the greedy client's connections on the addresses said; each generator a process "
+            f"of its own, its CPU reported.\n\n{table(reports)}")
 
 
 def main(argv: list[str] | None = None) -> int:
