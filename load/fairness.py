@@ -2,7 +2,7 @@
 
 16 polite users, each from an address of its own and honouring Retry-After, alone (calm); then the same 16 while a
 greedy client opens 400 connections and sends again the moment it is refused; then the polite users alone again,
-from the moment the greedy client stops sending (its last requests still being answered). Loopback has all of
+right after the greedy client has stopped (its last requests answered). Loopback has all of
 127.0.0.0/8, so every client is a real address to the service. The greedy client runs in a process of its own, so
 that its refusals do not slow the polite users' loop; each generator's own CPU is reported. With
 `greedy_addresses` > 1 its connections are spread over that many addresses: a small distributed abuse, where
@@ -82,12 +82,12 @@ def _greedy(url: str, uploads: list[Upload], connections: int, addresses: list[s
 
 def run(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seconds: float = 10.0,
         greedy_address_count: int = 1, connections: int = GREEDY_CONNECTIONS, users: int = POLITE_USERS,
-        after_seconds: float = 5.0, idle: CpuWatch | None = None) -> dict[str, Any]:
+        after_seconds: float = 5.0, warm_seconds: float = 5.0, idle: CpuWatch | None = None) -> dict[str, Any]:
     """Calm, contended and after, back to back, against the service at `url` (its /classify). With `idle` (a
     CpuWatch of the service at rest), each serving role's CPU in the calm and contended phases, and a refusal's."""
     report: dict[str, Any] = {"polite_users": users, "greedy_connections": connections,
                               "greedy_addresses": greedy_address_count, "seconds": seconds}
-    polite(url, uploads, users=users, seconds=5)  # warm: the polite users' first uploads, and anything before
+    polite(url, uploads, users=users, seconds=warm_seconds)  # warm: the polite users' first uploads
     with CpuWatch() as calm_cpu:
         report["calm"] = polite(url, uploads, users=users, seconds=calm_seconds)
     context = multiprocessing.get_context("spawn")
@@ -99,9 +99,9 @@ def run(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seconds:
             raise RuntimeError(f"the greedy client did not start: {greedy.exception(timeout=0)}")
         with CpuWatch() as contended_cpu:
             report["contended"] = polite(url, uploads, users=users, seconds=seconds)
-        stop.set()  # it sends nothing more; its last requests in flight are answered meanwhile
-        report["after"] = polite(url, uploads, users=users, seconds=after_seconds)
-        report["greedy"] = greedy.result(timeout=180)
+        stop.set()
+        report["greedy"] = greedy.result(timeout=180)  # once its last requests in flight are answered
+    report["after"] = polite(url, uploads, users=users, seconds=after_seconds)
     calm_rps = max(report["calm"]["throughput_rps"], 1e-9)
     report["polite_share_of_calm"] = round(report["contended"]["throughput_rps"] / calm_rps, 3)
     report["after_share_of_calm"] = round(report["after"]["throughput_rps"] / calm_rps, 3)
@@ -165,7 +165,7 @@ def table(reports: list[dict[str, Any]]) -> str:
 def section(reports: list[dict[str, Any]], date: str, cpus: int) -> str:
     return (f"Measured {date} on {cpus} CPUs (`make bench`, or alone: `python -m load.fairness`), local profile: "
             f"{POLITE_USERS} polite users alone (calm), then for {reports[0]['seconds']:g} s with the greedy "
-            f"client, then alone again from the moment it stops sending (right after); every user a loopback "
+            f"client, then alone again right after it stopped; every user a loopback "
             f"address of its own, the greedy client's connections on the addresses said; each generator a process "
             f"of its own, its CPU reported.\n\n{table(reports)}")
 

@@ -131,9 +131,11 @@ class Admission:
         return max(self.limits.min_client_share, math.ceil(self.capacity() / max(1, len(self._clients))))
 
     def pipeline_share(self) -> int | None:
-        """Uploads one client may have in the pipeline at once; None (no limit) while it is the only client."""
+        """Uploads one client may have in the pipeline at once: its share of half the pipeline's places (a polite
+        client has one upload in it at a time, and each upload a greedy one has there beyond that puts one ahead
+        of every polite one); None (no limit) while it is the only client."""
         clients = len(self._clients)
-        return None if clients <= 1 else max(1, self.limits.floor // clients)
+        return None if clients <= 1 else max(1, self.limits.floor // (2 * clients))
 
     def admit(self, client: str = "") -> None:
         """Take a place now, or raise `Overloaded`; every admitted upload must be `release`d."""

@@ -252,12 +252,12 @@ def test_a_full_door_turns_away_the_newest_upload_of_the_client_with_the_most_th
 
 def test_with_other_clients_about_each_takes_its_turn_into_the_pipeline() -> None:
     async def scenario() -> None:
-        admission, _ = _measured(floor=4)
+        admission, _ = _measured(floor=8)
         for _ in range(6):
             admission.admit("greedy")
         assert admission.pipeline_share() is None  # alone: no limit
         admission.admit("polite")
-        assert admission.pipeline_share() == 2  # 4 places in the pipeline, 2 clients
+        assert admission.pipeline_share() == 2  # half of the 8 places in the pipeline, 2 clients
 
         inside: list[str] = []
         gates = {name: asyncio.Event() for name in ("g1", "g2", "g3", "p1")}

@@ -261,7 +261,7 @@ def test_retry_storms_of_400_and_1000_users_keep_goodput_and_no_admitted_upload_
     calm = asyncio.run(run_load(url, uploads, users=16, seconds=10))
     print("calm, 16 users:", calm.summary())
     for users in (400, 1000):
-        storm = asyncio.run(run_load(url, uploads, users=users, seconds=25, timeout_s=90,
+        storm = asyncio.run(run_load(url, uploads, users=users, seconds=20, timeout_s=90,
                                      honour_retry_after=False))
         summary = storm.summary()
         print(f"storm, {users} users:", summary)
@@ -285,7 +285,8 @@ def test_one_greedy_client_cannot_take_the_service_from_polite_users(
 
     ingress = deployment(local_profile, "Ingress")["user_config"]
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
-    report = fairness.run(service.url + "/classify", uploads, seconds=30, calm_seconds=10, after_seconds=5)
+    report = fairness.run(service.url + "/classify", uploads, seconds=30, calm_seconds=10, after_seconds=3,
+                          warm_seconds=3)
     print(fairness.table([report]))
     calm, polite, greedy, after = report["calm"], report["contended"], report["greedy"], report["after"]
     assert set(calm["statuses"]) == {"200"} and set(polite["statuses"]) == {"200"}, report
