@@ -68,7 +68,7 @@ class IngressConfig(_Strict):
                                   "room, however many clients share it")
     trusted_proxies: tuple[str, ...] = Field((), description="networks (CIDR) of proxies in front of the service, "
                                              "such as a load balancer, whose X-Forwarded-For is believed; the "
-                                             "cluster's own nodes are always trusted")
+                                             "cluster's nodes and loopback are, where their proxy appends it")
     max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")
