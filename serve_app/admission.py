@@ -151,14 +151,15 @@ class Admission:
         Every upload that enters must be `release`d."""
         holder = self._seen(client)
         if self.waiting:
-            self._admit_from_door()  # places the rate or the number of clients freed since the last answer
-        if not self._someone_waits_before(holder):
-            refusal = self._refusal(holder)
-            if refusal is None:
-                self._take(holder)
-                return
-            if self.limits.door_wait_s <= 0:
-                raise refusal
+            # Places the rate or the number of clients freed since the last answer go to those at the door first;
+            # whoever is left there cannot be admitted (over its share, or the service full), so cannot be passed.
+            self._admit_from_door()
+        refusal = self._refusal(holder)
+        if refusal is None:
+            self._take(holder)
+            return
+        if self.limits.door_wait_s <= 0:
+            raise refusal
         if self.waiting >= self.limits.max_pending and not self._make_room_at_door(holder):
             raise self._refusal(holder) or Overloaded(f"{self.waiting} uploads are already waiting at the door",
                                                       self.retry_after_s())
@@ -210,13 +211,6 @@ class Admission:
                 del self._clients[name]
             else:
                 return
-
-    def _someone_waits_before(self, holder: _Client) -> bool:
-        """Whether an upload at the door would be given the next place before one of `holder`'s."""
-        if not self.waiting:
-            return False
-        share = self.client_share()
-        return any(c.held < share and c.held <= holder.held for c in self._at_door.values())
 
     def _refusal(self, holder: _Client) -> Overloaded | None:
         """Why a new upload of `holder` cannot be admitted now, or None if it can. A client over its share is told
