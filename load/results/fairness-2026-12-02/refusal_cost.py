@@ -1,5 +1,5 @@
-"""CPU per refusal in the ingress's admission code, before (48ba6da) and after (this tree), back to back, in
-process:   .venv/bin/python load/results/fairness-2026-12-02/refusal_cost.py > refusal_cost.json"""
+"""CPU per refusal, and per admitted upload, in the ingress's admission code, before (48ba6da) and after (this
+tree), back to back, in process:   .venv/bin/python load/results/fairness-2026-12-02/refusal_cost.py"""
 
 from __future__ import annotations
 
@@ -66,10 +66,31 @@ async def refusals_us(admission, count: int, identity: ClientIdentity | None = N
     return (time.process_time() - started) / count * 1e6
 
 
+async def admitted_us(module, count: int, identity: ClientIdentity | None = None) -> float:  # noqa: ANN001
+    """One admitted upload's way through admission (with `identity`: its address, the door with 16 other clients
+    holding a place each, its turn into the pipeline, the release)."""
+    admission = module.Admission(module.Limits(max_wait_s=20, max_pending=1024, floor=32, door_wait_s=2))
+    for i in range(16 if identity else 0):
+        admission.admit(f"10.0.0.{i}")
+    started = time.process_time()
+    for _ in range(count):
+        if identity is None:
+            await admission.enter()
+            admission.release()
+            continue
+        client = identity.client_of(SCOPE)
+        await admission.enter(client)
+        async with admission.turn(client):
+            pass
+        admission.release(client)
+    return (time.process_time() - started) / count * 1e6
+
+
 def main() -> None:
     old = load_old()
     identity = ClientIdentity(nodes=["127.0.0.1"])
-    results: dict[str, list[float]] = {"before_us": [], "after_us": [], "after_429_us": []}
+    results: dict[str, list[float]] = {"before_us": [], "after_us": [], "after_429_us": [],
+                                       "admitted_before_us": [], "admitted_after_us": []}
     for _ in range(3):
         results["before_us"].append(asyncio.run(refusals_us(full(old), 50_000)))
         results["after_us"].append(asyncio.run(refusals_us(full(new), 50_000, identity)))
@@ -79,6 +100,8 @@ def main() -> None:
         over.admit("someone-else")
         over.admit("127.0.0.2")
         results["after_429_us"].append(asyncio.run(refusals_us(over, 50_000, identity)))
+        results["admitted_before_us"].append(asyncio.run(admitted_us(old, 50_000)))
+        results["admitted_after_us"].append(asyncio.run(admitted_us(new, 50_000, identity)))
     print(json.dumps({k: [round(v, 2) for v in values] for k, values in results.items()}))
 
 
