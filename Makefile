@@ -11,9 +11,30 @@ CONSTRAINTS ?= constraints.txt
 # The stamp names a hash of pyproject.toml and the constraints: editing either re-installs, nothing else does.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install test test-long test-fast serve bench load lint constraints clean
+.PHONY: install web-runtime test test-long test-fast serve bench load lint constraints clean
 
-install: $(STAMP)
+install: $(STAMP) web-runtime
+
+# The offline page's runtime (docs/offline.md): ONNX Runtime Web from the npm registry at a pinned version, checked
+# against the tarball's hash, unpacked into a folder the service serves. Without npm the page works online only.
+ORT_WEB_VERSION := 1.31.1
+ORT_WEB_SHA256 := bdccdb9fbb9ab537247c0c734e9b1d2b1b338b4f2a09faa58f0dc1cfa27c312c
+ORT_WEB_DIR := serve_app/static/ort
+ORT_WEB_FILES := ort.wasm.min.mjs ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+ORT_WEB_STAMP := $(ORT_WEB_DIR)/.onnxruntime-web-$(ORT_WEB_VERSION)
+
+web-runtime:
+	@if [ -f $(ORT_WEB_STAMP) ]; then :; \
+	elif ! command -v npm >/dev/null 2>&1; then echo "make: npm is not installed, so the page works online only \
+	(Debian/Ubuntu: apt install npm, then make web-runtime)"; \
+	else set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  (cd "$$tmp" && npm pack --silent onnxruntime-web@$(ORT_WEB_VERSION) >/dev/null); \
+	  echo "$(ORT_WEB_SHA256)  $$tmp/onnxruntime-web-$(ORT_WEB_VERSION).tgz" | sha256sum --check --quiet; \
+	  rm -rf $(ORT_WEB_DIR); mkdir -p $(ORT_WEB_DIR); \
+	  tar -xzf "$$tmp/onnxruntime-web-$(ORT_WEB_VERSION).tgz" -C $(ORT_WEB_DIR) --strip-components=2 \
+	    $(addprefix package/dist/,$(ORT_WEB_FILES)); \
+	  tar -xzf "$$tmp/onnxruntime-web-$(ORT_WEB_VERSION).tgz" -C $(ORT_WEB_DIR) --strip-components=1 package/package.json; \
+	  touch $(ORT_WEB_STAMP); echo "ONNX Runtime Web $(ORT_WEB_VERSION) in $(ORT_WEB_DIR)"; fi
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: no Python 3.11, 3.12 or 3.13 on PATH. Install one \
@@ -56,4 +77,4 @@ constraints: install
 	$(PY) -m pip freeze --exclude-editable | sed '1i # Exact versions the suite runs with: make installs from this file. Rewrite with `make constraints`.' > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis $(ORT_WEB_DIR)

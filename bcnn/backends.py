@@ -275,30 +275,61 @@ def check_session(session: object, path: str | os.PathLike[str], *, content: str
                                    f"{len(weights.categories)} classes")
 
 
-def onnxruntime_backend(weights: Weights, *, device: torch.device, threads: int = 1,
-                        cache_dir: str | os.PathLike[str] | None = None) -> OnnxRuntimeBackend:
-    """From the cache (`<cache>/onnx/<content>.onnx`) when a file there was exported from these tensors, with no
-    torch model built (less memory, a faster load); else exported now and written there. A cached file
-    that fails to load or does not match is refused (logged, with the reason) and replaced; a cache that cannot be
-    written leaves the model in memory only."""
-    content = content_sha256(weights)
-    path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{weights.arch}-{content[:32]}.onnx"
-    if path.is_file():
-        try:
-            session = open_session(path, threads=threads, device=device)
-            check_session(session, path, content=content, weights=weights)
-            return OnnxRuntimeBackend(session, str(path))
-        except OnnxModelError as e:
-            log.warning("refusing the cached ONNX model: %s; exporting it again", e)
-        except Exception as e:  # onnxruntime raises its own types for a truncated or corrupt file
-            log.warning("refusing the cached ONNX model: %s: %s; exporting it again", path,
-                        f"{type(e).__name__}: {e}".splitlines()[0])
+def onnx_cache_path(weights: Weights, cache_dir: str | os.PathLike[str] | None = None,
+                    content: str | None = None) -> Path:
+    """Where the ONNX export of `weights` is kept: `<cache>/onnx/<arch>-<content>.onnx`."""
+    content = content or content_sha256(weights)
+    return Path(cache_dir or default_cache_dir()) / "onnx" / f"{weights.arch}-{content[:32]}.onnx"
+
+
+def export_to_cache(weights: Weights, path: Path) -> bytes | Path:
+    """The ONNX export of `weights`, written to `path` (the file), or kept in memory (the bytes) where the cache
+    cannot be written."""
     data, _ = export_onnx(weights)
     try:
-        write_atomically(path, data)
-        source: bytes | Path = path
+        return write_atomically(path, data)
     except OSError as e:
         log.warning("could not cache the ONNX model at %s (%s); keeping it in memory", path, e)
-        source = data
+        return data
+
+
+def onnx_file(weights: Weights, cache_dir: str | os.PathLike[str] | None = None) -> bytes | Path:
+    """The cached export of `weights` where one was exported from these tensors (checked as `onnxruntime_backend`
+    checks it), else exported now and cached."""
+    content = content_sha256(weights)
+    path = onnx_cache_path(weights, cache_dir, content)
+    session = _cached_session(path, content=content, weights=weights, threads=1, device=None)
+    return path if session is not None else export_to_cache(weights, path)
+
+
+def _cached_session(path: Path, *, content: str, weights: Weights, threads: int,
+                    device: torch.device | None) -> object | None:
+    """A session on the cached file, or None where there is none or it is refused (logged, with the reason)."""
+    if not path.is_file():
+        return None
+    try:
+        session = open_session(path, threads=threads, device=device)
+        check_session(session, path, content=content, weights=weights)
+        return session
+    except OnnxModelError as e:
+        log.warning("refusing the cached ONNX model: %s; exporting it again", e)
+    except Exception as e:  # onnxruntime raises its own types for a truncated or corrupt file
+        log.warning("refusing the cached ONNX model: %s: %s; exporting it again", path,
+                    f"{type(e).__name__}: {e}".splitlines()[0])
+    return None
+
+
+def onnxruntime_backend(weights: Weights, *, device: torch.device, threads: int = 1,
+                        cache_dir: str | os.PathLike[str] | None = None) -> OnnxRuntimeBackend:
+    """From the cache (`onnx_cache_path`) when a file there was exported from these tensors, with no torch model
+    built (less memory, a faster load); else exported now and written there. A cached file that fails to load or
+    does not match is refused (logged, with the reason) and replaced; a cache that cannot be written leaves the
+    model in memory only."""
+    content = content_sha256(weights)
+    path = onnx_cache_path(weights, cache_dir, content)
+    session = _cached_session(path, content=content, weights=weights, threads=threads, device=device)
+    if session is not None:
+        return OnnxRuntimeBackend(session, str(path))
+    source = export_to_cache(weights, path)
     session = open_session(source, threads=threads, device=device)
     return OnnxRuntimeBackend(session, str(path) if isinstance(source, Path) else "memory")

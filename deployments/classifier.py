@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
+from bcnn.phone import PhoneModel, phone_model
 from bcnn.predict import Predictor, Ranked
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
 from bcnn.weights import Weights, get_weights
@@ -64,6 +65,9 @@ class Classifier:
         self._completion = DedicatedThread("completion")
         self.metrics = ClassifierMetrics()
         self._gauges: asyncio.Task[None] | None = None
+        self._phone: PhoneModel | None = None  # made for the model and thresholds now served, on first request
+        self._phone_max_bytes = 0
+        self._phone_lock = asyncio.Lock()
         if torch.cuda.is_available():
             log.info("Classifier on GPU %s (CUDA_VISIBLE_DEVICES=%s)", torch.cuda.get_device_name(0),
                      os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -89,6 +93,7 @@ class Classifier:
         self._classify_batch.set_max_batch_size(config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
+        self._phone = None
         if self._gauges is None:
             self._gauges = asyncio.create_task(self._refresh_gauges())
 
@@ -124,6 +129,34 @@ class Classifier:
         weights = predictor.weights
         return ModelCard(weights.name, weights.version, predictor.labels, weights.preprocess,
                          str(predictor.device), predictor.backend.name)
+
+    async def phone_model_info(self, max_bytes: int) -> dict[str, object]:
+        """What the page saves for offline use (`bcnn.phone`), without the file: made on the first request for a
+        model (an export where none is cached: seconds, off the event loop), kept until the next reconfigure."""
+        model = await self._phone_model(max_bytes)
+        return {"sha256": model.sha256, "bytes": len(model.data), "name": model.name, "version": model.version,
+                "species": model.species, "same_as_service": model.same_as_service}
+
+    async def phone_model_data(self, sha256: str, max_bytes: int) -> bytes | None:
+        """The file `phone_model_info` described (made here too where another replica described it), if it is still
+        the one this replica gives: None during a swap that changed it."""
+        model = await self._phone_model(max_bytes)
+        return model.data if model.sha256 == sha256 else None
+
+    async def _phone_model(self, max_bytes: int) -> PhoneModel:
+        async with self._phone_lock:
+            predictor, config = self._require_model(), self.config
+            assert config is not None
+            if self._phone is not None and self._phone_max_bytes == max_bytes:
+                return self._phone
+            model = await asyncio.to_thread(
+                phone_model, predictor.weights, max_bytes=max_bytes, waterbird_threshold=config.waterbird_threshold,
+                species_threshold=config.species_threshold)
+            log.info("phone model: %s version %s, %.1f MB, sha256 %s", model.name, model.version,
+                     len(model.data) / 1e6, model.sha256[:12])
+            if self.predictor is predictor and self.config is config:  # no reconfigure meanwhile
+                self._phone, self._phone_max_bytes = model, max_bytes
+            return model
 
     async def __call__(self, batch: PreparedBatch, top_k: int) -> ScoredBatch:
         """The `top_k` best classes of each usable image of a batch, in order, one `Scores` per forward pass they

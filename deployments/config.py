@@ -69,6 +69,9 @@ class IngressConfig(_Strict):
     trusted_proxies: tuple[str, ...] = Field((), description="networks (CIDR) of proxies in front of the service, "
                                              "such as a load balancer, whose X-Forwarded-For is believed; the "
                                              "cluster's nodes and loopback are, where their proxy appends it")
+    # The offline page (docs/offline.md): the model a phone saves is the served one up to this size, else the default.
+    phone_model_max_mb: float = Field(40.0, ge=0, description="largest served model a phone saves for offline use "
+                                      "(float32 MB); a larger one is answered for by the embedded default; 0: none")
     max_body_mb: float = Field(20.0, gt=0, le=512, description="request bodies larger than this get 413")
     request_timeout_s: float = Field(30.0, gt=0, description="whole request, upload included")
     upload_read_timeout_s: float = Field(15.0, gt=0, description="time allowed to receive the body")

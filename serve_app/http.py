@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import time
-from importlib.resources import files
 from typing import Protocol
 
 from starlette.applications import Starlette
@@ -32,6 +31,7 @@ from serve_app.errors import (
     refusal,
     to_api_error,
 )
+from serve_app.offline import IMMUTABLE, ISOLATION, REVALIDATE, WebApp
 from serve_app.openapi import OPENAPI
 
 log = logging.getLogger("ray.serve")
@@ -45,6 +45,10 @@ class Pipeline(Protocol):
     async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified: ...
 
     async def model_card(self, *, refresh: bool = False) -> ModelCard: ...
+
+    async def phone_model_info(self) -> dict[str, object] | None: ...
+
+    async def phone_model_file(self, sha256: str) -> bytes | None: ...
 
     async def health(self) -> dict[str, object]: ...
 
@@ -135,7 +139,16 @@ def answer_body(request_id: str, result: Classified, total_ms: float) -> dict[st
     }
 
 
-ROUTES = ("/", "/classify", "/healthz", "/labels", "/openapi.json")
+ROUTES = ("/", "/classify", "/healthz", "/labels", "/openapi.json", "/offline.json", "/sw.js",
+          "/manifest.webmanifest")
+PREFIXED_ROUTES = ("/assets/", "/model/")
+
+
+def route_of(path: str) -> str:
+    """The route a path counts under in the metrics: one per route, never one per file."""
+    if path in ROUTES:
+        return path
+    return next((prefix + "*" for prefix in PREFIXED_ROUTES if path.startswith(prefix)), "other")
 
 
 def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
@@ -145,7 +158,7 @@ def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = route_of(scope["path"])
 
         async def send_observed(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -245,11 +258,43 @@ def access_log(request_id: str, client: str, status: int, total_ms: float, resul
 
 
 def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) -> ASGIApp:
-    page = files("serve_app").joinpath("static/index.html").read_text(encoding="utf-8")
+    web = WebApp()
     openapi = json.dumps(OPENAPI).encode()
 
     async def index(_request: Request) -> Response:
-        return HTMLResponse(page)
+        return HTMLResponse(web.page, headers={"Cache-Control": REVALIDATE, **ISOLATION})
+
+    async def service_worker(_request: Request) -> Response:
+        return Response(web.service_worker, media_type="text/javascript", headers={"Cache-Control": REVALIDATE})
+
+    async def manifest(_request: Request) -> Response:
+        return Response(web.manifest, media_type="application/manifest+json", headers={"Cache-Control": REVALIDATE})
+
+    async def asset(request: Request) -> Response:
+        found = web.assets.get(request.url.path.lstrip("/"))
+        if found is None:
+            return error_response(ApiError(404, "not_found", "No such file: the page may be older than the service; "
+                                                             "reload it."))
+        return Response(found.data, media_type=found.content_type, headers={"Cache-Control": IMMUTABLE, **ISOLATION})
+
+    async def offline(_request: Request) -> Response:
+        try:
+            model = await pipeline.phone_model_info() if web.runtime else None
+        except Exception as e:  # noqa: BLE001
+            return error_response(to_api_error(e))
+        return JSONResponse(web.offline_files(model), headers={"Cache-Control": "no-store"})
+
+    async def phone_model(request: Request) -> Response:
+        sha256 = request.path_params["sha256"]
+        try:
+            data = await pipeline.phone_model_file(sha256)
+        except Exception as e:  # noqa: BLE001
+            return error_response(to_api_error(e))
+        if data is None:
+            return error_response(ApiError(404, "model_replaced", "The service now offers another model for phones: "
+                                                                  "fetch offline.json again."))
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Cache-Control": IMMUTABLE, "ETag": f'"{sha256}"', **ISOLATION})
 
     async def classify(request: Request) -> Response:
         start = time.perf_counter()
@@ -299,6 +344,11 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
             Route("/healthz", healthz, methods=["GET"]),
             Route("/labels", labels, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/sw.js", service_worker, methods=["GET"]),
+            Route("/manifest.webmanifest", manifest, methods=["GET"]),
+            Route("/offline.json", offline, methods=["GET"]),
+            Route("/assets/{version:str}/{name:str}", asset, methods=["GET"]),
+            Route("/model/{sha256:str}.onnx", phone_model, methods=["GET"]),
         ],
         exception_handlers={HTTPException: handle_http_exception, Exception: handle_unexpected},
     )

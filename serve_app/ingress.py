@@ -70,6 +70,7 @@ class Ingress:
         self._refresh_nodes()
         self._card: ModelCard | None = None
         self._card_lock = asyncio.Lock()
+        self._phone_file: tuple[str, bytes] | None = None  # (sha256, the ONNX file) last served to phones
         self._batch_s = 0.0  # recent time from a batch's dispatch to its answers, smoothed
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -102,6 +103,24 @@ class Ingress:
             if refresh or self._card is None or (seen_version is not None and self._card.version != seen_version):
                 self._card = await self.classifier.card.remote()
             return self._card
+
+    async def phone_model_info(self) -> dict[str, object] | None:
+        """The model a phone saves for offline use (`bcnn.phone`), without the file; None where none is offered."""
+        max_bytes = int(self.config.phone_model_max_mb * 2**20)
+        if max_bytes == 0:
+            return None
+        return await self.classifier.phone_model_info.remote(max_bytes)
+
+    async def phone_model_file(self, sha256: str) -> bytes | None:
+        """The phone's model file by its hash, kept here once fetched (phones download it once per model); None
+        for a file the classifiers no longer give."""
+        if self._phone_file is not None and self._phone_file[0] == sha256:
+            return self._phone_file[1]
+        max_bytes = int(self.config.phone_model_max_mb * 2**20)
+        data = await self.classifier.phone_model_data.remote(sha256, max_bytes) if max_bytes else None
+        if data is not None:
+            self._phone_file = (sha256, data)
+        return data
 
     async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified:
         upload = _Upload(data, top_k, request_id, deadline)

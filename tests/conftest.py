@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import csv
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -46,6 +48,26 @@ NON_BIRD_PHOTOS = ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "
 def non_bird_photos() -> list[Path]:
     data = files("skimage") / "data"
     return [Path(str(data / name)) for name in NON_BIRD_PHOTOS]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless, and nothing that phones home: this machine's network is closed.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Debian's Chromium, headless, driven by Playwright (tests/test_page.py, tests/test_offline_page.py)."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: `apt-get install chromium` (as .ci/run does) runs the page tests")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(scope="session")
