@@ -61,12 +61,41 @@ OPENAPI: dict[str, Any] = {
                                                   "content": {"application/json": {"schema": {
                                                       "$ref": "#/components/schemas/Labels"}}}},
                                           "503": _error("No model loaded")}}},
+        "/offline.json": {"get": {
+            "summary": "What the page saves for offline use: ONNX Runtime Web's files and the phone's model",
+            "responses": {"200": {"description": "Files with their sizes, or why none are offered",
+                                  "content": {"application/json": {"schema": {
+                                      "$ref": "#/components/schemas/OfflineFiles"}}}},
+                          "503": _error("No model loaded")}}},
+        "/model/{sha256}.onnx": {"get": {
+            "summary": "The phone's model (docs/offline.md): an ONNX file named by its SHA-256, never changing",
+            "parameters": [{"name": "sha256", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The ONNX file",
+                                  "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}},
+                          "404": _error("The service now offers another model"),
+                          "503": _error("No model loaded")}}},
         "/": {"get": {"summary": "The upload page", "responses": {"200": {"description": "HTML",
                                                                           "content": {"text/html": {}}}}}},
     },
     "components": {
         "schemas": {
             "Error": _ERROR,
+            "OfflineFiles": {
+                "type": "object", "required": ["available"],
+                "properties": {
+                    "available": {"type": "boolean"},
+                    "reason": {"type": "string", "description": "why nothing is offered (available: false)"},
+                    "bytes": {"type": "integer", "description": "the download, all files together"},
+                    "runtime": {"type": "object", "additionalProperties": {
+                        "type": "object", "required": ["path", "bytes"],
+                        "properties": {"path": {"type": "string"}, "bytes": {"type": "integer"}}}},
+                    "model": {"type": "object",
+                              "required": ["path", "sha256", "bytes", "name", "version", "species", "same_as_service"],
+                              "properties": {"path": {"type": "string"}, "sha256": {"type": "string"},
+                                             "bytes": {"type": "integer"}, "name": {"type": "string"},
+                                             "version": {"type": "string"}, "species": {"type": "integer"},
+                                             "same_as_service": {"type": "boolean"}}}}},
             "Model": {"type": "object", "required": ["name", "version"],
                       "properties": {"name": {"type": "string"}, "version": {"type": "string"},
                                      "device": {"type": "string", "description": "cpu, cuda:0 ... (/labels only)"},

@@ -246,3 +246,35 @@ def test_a_redeploy_replaces_the_saved_model(phone, service: Service, mapped_pho
     finally:
         page.context.set_offline(False)
         service.deploy(load_config())
+
+
+def test_a_busy_service_is_answered_for_on_the_phone_until_its_own_answer_comes(phone,  # noqa: ANN001
+                                                                                 mapped_photos: list[Photo]) -> None:
+    """The first upload is refused with the service's own 503 (Retry-After: 2): the phone answers meanwhile, and
+    the service's answer to the retry replaces the phone's."""
+    from serve_app.admission import Overloaded
+    from serve_app.errors import refusal
+
+    page = phone
+    _save(page)
+    refused = refusal(Overloaded("test", 2))
+    body = json.dumps({"error": {"code": refused.code, "message": refused.message}})
+    sent: list[str] = []
+
+    def first_refused(route) -> None:  # noqa: ANN001
+        sent.append(route.request.url)
+        if len(sent) == 1:
+            route.fulfill(status=503, headers=refused.headers, content_type="application/json", body=body)
+        else:
+            route.continue_()
+
+    page.route("**/classify*", first_refused)
+    photo = mapped_photos[0]
+    page.get_by_label("Take a photo with the camera").set_input_files(str(photo.path))
+    page.wait_for_function("document.querySelector('#answered-by').textContent === 'On this phone'", timeout=30_000)
+    assert page.locator("#species").inner_text() == photo.imagenet_label
+    assert len(sent) == 1  # the phone answered before the retry
+    page.wait_for_function("document.querySelector('#answered-by').textContent === 'Server'", timeout=30_000)
+    page.wait_for_function(RESULT_READY, timeout=30_000)
+    assert len(sent) == 2
+    assert page.locator("#meta").inner_text().startswith("Answered by the server")
