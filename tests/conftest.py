@@ -57,9 +57,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Debian's Chromium, headless, driven by Playwright (tests/test_page.py, tests/test_offline_page.py)."""
+    """Debian's Chromium, headless, driven by Playwright (tests/test_page.py, tests/test_offline_page.py). One per
+    module: Playwright's sync API keeps an event loop running on the main thread while it is open, and the tests
+    that run the Python load generator need that thread's `asyncio.run`."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed: `apt-get install chromium` (as .ci/run does) runs the page tests")
     from playwright.sync_api import sync_playwright
