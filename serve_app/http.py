@@ -271,7 +271,7 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         return Response(web.manifest, media_type="application/manifest+json", headers={"Cache-Control": REVALIDATE})
 
     async def asset(request: Request) -> Response:
-        found = web.assets.get(request.url.path.lstrip("/"))
+        found = web.assets.get("assets/{version}/{name}".format(**request.path_params))
         if found is None:
             return error_response(ApiError(404, "not_found", "No such file: the page may be older than the service; "
                                                              "reload it."))

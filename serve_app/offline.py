@@ -61,13 +61,13 @@ def _assets(named: dict[str, bytes]) -> dict[str, Asset]:
 class WebApp:
     """Built once per ingress replica from the package's static folder."""
 
-    def __init__(self) -> None:
-        page_template = STATIC.joinpath("index.html").read_text(encoding="utf-8")
-        shell = _read(STATIC, SHELL_FILES)
+    def __init__(self, static: Traversable = STATIC) -> None:
+        page_template = static.joinpath("index.html").read_text(encoding="utf-8")
+        shell = _read(static, SHELL_FILES)
         if shell is None:
-            raise FileNotFoundError(f"the page's files {SHELL_FILES} are not all in {STATIC}")
+            raise FileNotFoundError(f"the page's files {SHELL_FILES} are not all in {static}")
         self.shell = _assets(shell)
-        runtime = _read(STATIC.joinpath(RUNTIME_DIR), RUNTIME_FILES)
+        runtime = _read(static.joinpath(RUNTIME_DIR), RUNTIME_FILES)
         self.runtime = _assets(runtime) if runtime is not None else {}
         self.assets = {a.path: a for a in (*self.shell.values(), *self.runtime.values())}
         config = {"shell": {name: a.path for name, a in self.shell.items()},
@@ -86,7 +86,7 @@ class WebApp:
         }).encode()
         cached_shell = ["./", "manifest.webmanifest", *(a.path for a in self.shell.values())]
         shell_version = _digest({"page": self.page, "manifest": self.manifest, **shell})
-        self.service_worker = (STATIC.joinpath("sw.js").read_text(encoding="utf-8")
+        self.service_worker = (static.joinpath("sw.js").read_text(encoding="utf-8")
                                .replace("%SHELL_VERSION%", shell_version)
                                .replace("%SHELL%", json.dumps(cached_shell))).encode()
 
