@@ -27,10 +27,11 @@ from PIL import Image
 from load.harness import PHOTOS
 
 PHONE_SIDE = 4032
-SHRINK = """async ([shell, data]) => {
+SHRINK = """async ([shell, data, maxSide, quality]) => {
     const { shrunkForUpload } = await import(new URL(shell, document.baseURI).href);
     const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-    const shrunk = await shrunkForUpload(new File([bytes], "photo.jpg", {type: "image/jpeg"}));
+    const shrunk = await shrunkForUpload(new File([bytes], "photo.jpg", {type: "image/jpeg"}),
+                                          maxSide || undefined, quality || undefined);
     const buffer = new Uint8Array(await shrunk.arrayBuffer());
     let text = "";
     for (let i = 0; i < buffer.length; i += 32768) text += String.fromCharCode(...buffer.subarray(i, i + 32768));
@@ -55,7 +56,8 @@ def _answer(client: httpx.Client, url: str, data: bytes) -> dict[str, Any]:
     return {"label": body["predictions"][0]["label"], "is_waterbird": body["is_waterbird"]}
 
 
-def shrink(url: str, photos: list[Path]) -> dict[str, Any]:
+def shrink(url: str, photos: list[Path], max_side: int | None = None, quality: float | None = None) -> dict[str, Any]:
+    """None: the page's own settings (serve_app/static/photo.js)."""
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -67,13 +69,15 @@ def shrink(url: str, photos: list[Path]) -> dict[str, Any]:
         shell = page.evaluate("JSON.parse(document.getElementById('app-config').textContent).shell['photo.js']")
         for path in photos:
             large = enlarged(path)
-            small = base64.b64decode(page.evaluate(SHRINK, [shell, base64.b64encode(large).decode()]))
+            shrunk_b64 = page.evaluate(SHRINK, [shell, base64.b64encode(large).decode(), max_side, quality])
+            small = base64.b64decode(shrunk_b64)
             full, shrunk = _answer(client, url, large), _answer(client, url, small)
             rows.append({"photo": path.name, "bytes": [len(large), len(small)], "full_size": full, "shrunk": shrunk})
         browser.close()
     same_top1 = [r for r in rows if r["full_size"]["label"] == r["shrunk"]["label"]]
     same_waterbird = [r for r in rows if r["full_size"]["is_waterbird"] == r["shrunk"]["is_waterbird"]]
-    return {"photos": len(rows), "phone_side_px": PHONE_SIDE,
+    return {"photos": len(rows), "phone_side_px": PHONE_SIDE, "max_side": max_side or "the page's",
+            "quality": quality or "the page's",
             "top1_agreement": len(same_top1) / len(rows), "is_waterbird_agreement": len(same_waterbird) / len(rows),
             "median_bytes": {"full_size": int(np.median([r["bytes"][0] for r in rows])),
                              "shrunk": int(np.median([r["bytes"][1] for r in rows]))},
@@ -118,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="a running service (for shrink)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", choices=("shrink", "quantization"))
+    parser.add_argument("--max-side", type=int, help="shrink to this longer side instead of the page's")
+    parser.add_argument("--quality", type=float, help="JPEG quality (0-1) instead of the page's")
     args = parser.parse_args(argv)
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, measure in (("shrink", lambda: shrink(args.url, photos)), ("quantization", lambda: quantization(photos))):
+    measures = {"shrink": lambda: shrink(args.url, photos, args.max_side, args.quality),
+                "quantization": lambda: quantization(photos)}
+    for name, measure in measures.items():
         if args.only in (None, name):
             result = measure()
             (args.out / f"{name}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
