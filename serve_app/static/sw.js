@@ -25,19 +25,19 @@ self.addEventListener("activate", (event) => {
   })());
 });
 
-async function networkFirst(request, key) {
+// The network's answer, kept for later, unless it takes longer than NETWORK_WAIT_MS; else the copy kept. The page
+// itself is kept under the scope's URL whatever its query.
+async function networkFirst(request, path) {
+  const shell = path === "" || SHELL.includes(path);
+  const key = path === "" ? new URL("./", self.registration.scope).href : request;
   const controller = new AbortController();
   const timer = setTimeout(() => controller.abort(), NETWORK_WAIT_MS);
   try {
     const response = await fetch(request, { signal: controller.signal });
-    if (response.ok) {
-      const copy = response.clone();
-      const cache = await caches.open(key === "./" ? SHELL_CACHE : OFFLINE_CACHE);
-      await cache.put(key === "./" ? new URL("./", self.registration.scope).href : request, copy);
-    }
+    if (response.ok) await (await caches.open(shell ? SHELL_CACHE : OFFLINE_CACHE)).put(key, response.clone());
     return response;
   } catch (error) {
-    const kept = await caches.match(key === "./" ? new URL("./", self.registration.scope).href : request);
+    const kept = await caches.match(key);
     if (kept) return kept;
     throw error;
   } finally {
@@ -55,7 +55,7 @@ self.addEventListener("fetch", (event) => {
   if (request.method !== "GET" || url.origin !== self.location.origin || !url.pathname.startsWith(SCOPE)) return;
   const path = url.pathname.slice(SCOPE.length);
   if (request.mode === "navigate" || path === "") {
-    event.respondWith(networkFirst(request, "./"));
+    event.respondWith(networkFirst(request, ""));
   } else if (path.startsWith("assets/") || path.startsWith("model/")) {
     event.respondWith(cacheFirst(request));
   } else if (path === "offline.json" || path === "labels" || path === "manifest.webmanifest") {
