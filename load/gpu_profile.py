@@ -38,10 +38,10 @@ from load import harness, wrk
 from load.bare_model import in_subprocess, model_rates
 from load.checkpoints import random_bcnn_checkpoint
 from load.loadgen import Upload, load_uploads, run_load
+from serve_app.run import DASHBOARD_URL, dashboard_headers
 
 USERS = (1, 16, 64, 256, 1024)
 BATCH_SIZES = (1, 8, 32, 64, 128)
-DASHBOARD = "http://127.0.0.1:8265"
 DOC_MARKERS = ("<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->")
 
 
@@ -56,8 +56,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._nvml = _nvml_handles()
-        token_file = Path.home() / ".ray" / "auth_token"
-        self._headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.is_file() else {}
+        self._headers = dashboard_headers()
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -81,7 +80,7 @@ class Sampler:
 
     def _replicas(self) -> dict[str, int]:
         try:
-            apps = httpx.get(DASHBOARD + "/api/serve/applications/", headers=self._headers, timeout=5).json()
+            apps = httpx.get(DASHBOARD_URL + "/api/serve/applications/", headers=self._headers, timeout=5).json()
             deployments = apps["applications"]["waterbirds"]["deployments"]
         except (httpx.HTTPError, KeyError, ValueError):
             return {}

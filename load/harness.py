@@ -24,7 +24,15 @@ import yaml
 
 from load import wrk
 from load.loadgen import Upload, run_load
-from serve_app.run import SERVE_ENV, cli, ensure_auth_token, ray_start_command, stop_ray
+from serve_app.run import (
+    DASHBOARD_URL,
+    SERVE_ENV,
+    cli,
+    dashboard_headers,
+    ensure_auth_token,
+    ray_start_command,
+    stop_ray,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "load" / "results"
@@ -94,9 +102,13 @@ def deploy(config: dict[str, Any], env: dict[str, str], upload: Upload, *, model
     deadline = time.monotonic() + timeout_s
     last: object = None
     while time.monotonic() < deadline:
-        status = yaml.safe_load(subprocess.run([*cli("serve"), "status"], env=env, capture_output=True,
-                                               text=True).stdout or "{}")
-        last = app = (status.get("applications") or {}).get("waterbirds", {})
+        try:
+            # The dashboard's API, not `serve status`: the CLI is a Python process that takes a second or two of
+            # this small machine's CPU from the replicas starting, at every look.
+            apps = httpx.get(DASHBOARD_URL + "/api/serve/applications/", headers=dashboard_headers(), timeout=30)
+            last = app = apps.json()["applications"].get("waterbirds", {})
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            last, app = e, {}
         if app.get("status") == "RUNNING":
             try:
                 response = httpx.post(SERVICE_URL + "/classify", content=upload.data, timeout=60,

@@ -23,6 +23,7 @@ _CLI_MODULES = {"ray": "ray.scripts.scripts", "serve": "ray.serve.scripts", "gun
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 METRICS_PORT = 8080
+DASHBOARD_URL = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 # The serving settings measured to help on this kind of machine (docs/performance.md, "What was tried on the
 # serving path"); exported before Ray starts, because Serve's controller and replicas read them when they start.
@@ -73,6 +74,16 @@ def ensure_auth_token(env: dict[str, str]) -> None:
     if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
         return
     subprocess.run([*cli("ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+
+
+def dashboard_headers() -> dict[str, str]:
+    """The local cluster's token for the dashboard's REST API (`/api/serve/applications/` is what `serve status`
+    shows), taken from where Ray's own clients take it."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def ray_running(env: dict[str, str]) -> bool:

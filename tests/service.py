@@ -18,11 +18,10 @@ from typing import Any
 import httpx
 import yaml
 
-from serve_app.run import SERVE_ENV, cli, ray_running, stop_ray
+from serve_app.run import DASHBOARD_URL, SERVE_ENV, cli, dashboard_headers, ray_running, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PORT = 8000
-DASHBOARD = "http://127.0.0.1:8265"
 LOGS = Path("/tmp/ray/session_latest/logs/serve")
 # The environment `make serve` runs with, plus request logs written at once so tests can read them.
 ENV = {**os.environ, **SERVE_ENV, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
@@ -50,12 +49,8 @@ class Service:
     url: str
     workdir: Path
 
-    @property
-    def token(self) -> str:
-        return (Path.home() / ".ray" / "auth_token").read_text().strip()
-
     def dashboard(self, path: str) -> httpx.Response:
-        return httpx.get(DASHBOARD + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+        return httpx.get(DASHBOARD_URL + path, headers=dashboard_headers(), timeout=30)
 
     def deploy(self, config: dict[str, Any], *, wait: bool = True) -> None:
         path = self.workdir / f"deploy-{time.monotonic_ns()}.yaml"

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve_app.run import DASHBOARD_URL, dashboard_headers
 from tests.conftest import OUTPUT, Photo
 from tests.service import Service
 
@@ -114,10 +115,10 @@ def test_keyboard_and_phone_viewport(phone, non_bird_photos: list[Path]) -> None
 
 def test_dashboard_serve_page_shows_the_application(browser, service: Service) -> None:  # noqa: ANN001
     context = browser.new_context(viewport={"width": 1400, "height": 900},
-                                  extra_http_headers={"Authorization": f"Bearer {service.token}"})
+                                  extra_http_headers=dashboard_headers())
     page = context.new_page()
     try:
-        page.goto("http://127.0.0.1:8265/#/serve", wait_until="networkidle", timeout=60_000)
+        page.goto(DASHBOARD_URL + "/#/serve", wait_until="networkidle", timeout=60_000)
         for name in ("waterbirds", "Ingress", "Preprocessor", "Classifier"):
             page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
         OUTPUT.mkdir(exist_ok=True)

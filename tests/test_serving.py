@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from load.loadgen import BackgroundLoad, Upload, run_load
+from serve_app.run import DASHBOARD_URL
 from tests import images
 from tests.conftest import Photo
 from tests.service import Service, deployment, load_config
@@ -60,7 +61,7 @@ def test_health_and_the_dashboard_list_three_healthy_deployments(service: Servic
     assert {name: d["status"] for name, d in app["deployments"].items()} == {
         "Ingress": "HEALTHY", "Preprocessor": "HEALTHY", "Classifier": "HEALTHY"}
     assert service.dashboard("/api/serve/applications/").status_code == 200
-    assert httpx.get("http://127.0.0.1:8265/api/serve/applications/", timeout=30).status_code == 401  # token
+    assert httpx.get(DASHBOARD_URL + "/api/serve/applications/", timeout=30).status_code == 401  # token
 
 
 def test_mapped_photos_are_named_over_http_as_multipart_and_raw(service: Service,
