@@ -48,7 +48,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: install
 	$(PY) -m pytest
 
-# The head-node failure tests: two multi-node clusters, about five minutes.
+# The multi-node cluster tests (cluster/local.sh: placement, a GPU node lost, the head lost): three clusters, about
+# seven minutes.
 test-long: install
 	$(PY) -m pytest -m long
 

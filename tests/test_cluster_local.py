@@ -1,6 +1,10 @@
 """serve_config.yaml on a real multi-node Ray cluster on this machine (cluster/local.sh), laid out like production:
 placement on CPU and GPU nodes, HTTP through HAProxy on the head to ingress replicas on another node, and a GPU
-node stopped while requests flow."""
+node stopped while requests flow.
+
+With the head-failure tests (tests/test_cluster_head_failure.py), the multi-node tests: `make test-long`, which
+`.ci/run` runs after `make test` (a cluster of four raylets on this machine takes about two minutes of the 15 the
+suite may take)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from serve_app.run import ray_running
 from tests.conftest import Photo
 from tests.service import ENV, ROOT, Service
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.long]
 LOCAL = ROOT / "cluster" / "local.sh"
 REDIS_MISSING = "redis-server is not installed (the local cluster's GCS keeps its state there): apt-get install " \
                 "redis-server, as .ci/run does"
