@@ -49,7 +49,7 @@ test: install
 	$(PY) -m pytest
 
 # The multi-node cluster tests (cluster/local.sh: placement, a GPU node lost, the head lost): three clusters, about
-# seven minutes.
+# six minutes.
 test-long: install
 	$(PY) -m pytest -m long
 
