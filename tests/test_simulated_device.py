@@ -4,6 +4,7 @@ and waiting for one leaves the GIL to the host's other threads."""
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -74,11 +75,15 @@ def _count_while(wait: Callable[[], object]) -> int:
 
 def test_waiting_for_the_device_leaves_the_gil_to_other_threads() -> None:
     device = SimulatedDevice(classes=2, side=4, timing=DeviceTiming(fixed_ms=300.0, per_image_ms=0.0))
-    alone = _count_while(lambda: time.sleep(0.3))
-    while_waiting = _count_while(device.launch([np.zeros((1, 4, 4, 3), dtype=np.uint8)]).wait)
+    ratios = []
+    # Pairs side by side, and their median: this shared host's speed swings by 2x within seconds.
+    for _ in range(5):
+        alone = _count_while(lambda: time.sleep(0.3))
+        while_waiting = _count_while(device.launch([np.zeros((1, 4, 4, 3), dtype=np.uint8)]).wait)
+        ratios.append(while_waiting / alone)
     # A wait that held the GIL (a spin) would leave the other thread about half of its time (the GIL's switch
     # interval shared between the two); one that does not, all of it.
-    assert while_waiting > 0.75 * alone, (while_waiting, alone)
+    assert statistics.median(ratios) > 0.75, ratios
 
 
 def test_cpu_backends_compute_at_launch() -> None:
