@@ -162,6 +162,9 @@ class _CudaStaging:
         if slot is None or not slot.fits(n, side):
             capacity = max(n, slot.capacity if slot is not None and slot.side == side else 0)
             slot = _Slot(self.device, 1 << (capacity - 1).bit_length(), side)  # a power of two: few reallocations
+            # The caching allocator gave `device_images` on the compute stream, where it may hand back a block that
+            # kernels queued there still use; nothing else orders the copy stream after them.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         slot.n = n
         try:
             offset = 0
@@ -191,6 +194,25 @@ class _CudaInFlight:
             return self._slot.logits.clone()  # the slot's memory goes to the next batch
         finally:
             self._staging.release(self._slot)
+
+
+# What a sticky CUDA error says, from torch (`torch.AcceleratorError` where it has it, RuntimeError before) or ONNX
+# Runtime: the context is lost, and every later call on it fails the same way.
+_DEVICE_FAILURES = ("CUDA error", "CUDA failure", "cudaError", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error",
+                    "illegal memory access", "illegal address", "device-side assert", "unspecified launch failure",
+                    "uncorrectable ECC")
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """Whether `error` says the device itself failed (an illegal address, a fallen-off or faulty GPU, an ECC error),
+    so that no later pass on it can succeed. Running out of memory is not: it fails the batch that asked for too
+    much, and the next one may fit."""
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return any(marker in str(error) for marker in _DEVICE_FAILURES)
 
 
 class OnnxRuntimeBackend:
@@ -256,7 +278,18 @@ def open_session(model: bytes | str | os.PathLike[str], *, threads: int = 1,
             raise ValueError("this ONNX Runtime has no CUDA provider (install onnxruntime-gpu), or use backend torch")
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
-    return ort.InferenceSession(source, options, providers=providers)
+    session = ort.InferenceSession(source, options, providers=providers)
+    check_provider(session, providers[0] if isinstance(providers[0], str) else providers[0][0])
+    return session
+
+
+def check_provider(session: object, wanted: str) -> None:
+    """ONNX Runtime lists its CUDA provider whenever its package has one, and where the provider's libraries fail to
+    load it runs the session on the CPU without raising: a GPU replica would serve at a CPU's speed, unseen."""
+    running = session.get_providers()  # type: ignore[attr-defined]
+    if not running or running[0] != wanted:
+        raise ValueError(f"ONNX Runtime did not start {wanted} (the session runs on {', '.join(running) or 'nothing'}"
+                         f"): check its CUDA and cuDNN libraries, or use backend torch")
 
 
 def check_session(session: object, path: str | os.PathLike[str], *, content: str, weights: Weights) -> None:

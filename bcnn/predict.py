@@ -130,19 +130,27 @@ class Predictor:
         `.wait()` on the result gives the logits (`bcnn.backends`)."""
         return self.backend.launch(batches)
 
-    def warm_up(self, max_batch_size: int = 1) -> tuple[int, ...]:
-        """One forward pass per batch size the model will see, before it takes traffic; call it on the thread
-        that will run the real passes (CUDA and cuDNN keep per-thread state). On CUDA kernels are chosen and
-        loaded per input shape (the first pass after a deploy took 2 s on an H100, then about 2 ms): every power
-        of two up to `max_batch_size`, and that size. On the CPU a first pass at a new size costs what later
-        ones do (measured within 15% at batch 1 to 8), so one image is enough."""
-        sizes: tuple[int, ...] = (1,)
-        if self.device.type == "cuda":
-            sizes = tuple(sorted({*(2**i for i in range(max_batch_size.bit_length())), max_batch_size}))
+    def warm_up_rounds(self, max_batch_size: int, in_flight: int = 1) -> list[tuple[int, ...]]:
+        """The batch sizes a warm-up runs before the model takes traffic, a round at a time (`warm_up`). On CUDA,
+        first `in_flight` batches of the largest size at once, so the staging buffers every later batch fits in
+        exist before traffic does; then every other size once: cuDNN chooses its plans and loads its kernels per
+        input shape, and a batch may hold any number of images up to the largest. On the CPU a first pass at a new
+        size costs what later ones do, so one image is enough."""
+        if self.device.type != "cuda":
+            return [(1,)]
+        return [(max_batch_size,) * in_flight, *((n,) for n in range(1, max_batch_size))]
+
+    def warm_up(self, sizes: Sequence[int]) -> None:
+        """One forward pass of blank images per size, all in flight together, through the path a server takes.
+        Call it on the thread that will run the real passes (CUDA and cuDNN keep per-thread state)."""
         side = self.weights.preprocess.crop_size
-        for n in sizes:
-            self.launch([np.zeros((n, side, side, 3), dtype=np.uint8)]).wait()  # the path a server takes
-        return sizes
+        in_flight: list[InFlight] = []
+        try:
+            for n in sizes:
+                in_flight.append(self.launch([np.zeros((n, side, side, 3), dtype=np.uint8)]))
+        finally:
+            for batch in in_flight:  # each one waited for, so its staging buffers are given back
+                batch.wait()
 
     def rank(self, logits: Tensor, top_k: int = 5) -> Ranked:
         return rank_logits(logits, self._answer_index, top_k=top_k, threshold=self.threshold,

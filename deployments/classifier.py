@@ -24,6 +24,7 @@ from bcnn.predict import Predictor, Ranked
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
 from bcnn.weights import Weights, get_weights
 from deployments.config import ClassifierConfig, SimulatedDeviceConfig
+from deployments.device_watch import DeviceWatch
 from deployments.messages import ModelCard, PreparedBatch, ScoredBatch, Scores
 from deployments.metrics import GAUGE_REFRESH_S, ClassifierMetrics
 from deployments.threads import DedicatedThread
@@ -64,6 +65,7 @@ class Classifier:
         self._inference = DedicatedThread("inference")
         self._completion = DedicatedThread("completion")
         self.metrics = ClassifierMetrics()
+        self.device_watch = DeviceWatch()
         self._gauges: asyncio.Task[None] | None = None
         self._phone: PhoneModel | None = None  # made for the model and thresholds now served, on first request
         self._phone_max_bytes = 0
@@ -89,7 +91,7 @@ class Classifier:
             self.predictor.threshold = config.waterbird_threshold
             self.predictor.species_threshold = config.species_threshold
             if config.max_batch_size != old.max_batch_size:
-                await self._inference.run(self.predictor.warm_up, config.max_batch_size)
+                await self._warm_up(self.predictor, config.max_batch_size)
         self._classify_batch.set_max_batch_size(config.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.config = config
@@ -106,8 +108,9 @@ class Classifier:
             predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold,
                                                 species_threshold=config.species_threshold, backend=backend,
                                                 threads=config.threads)
-            sizes = await self._inference.run(predictor.warm_up, config.max_batch_size)
+            sizes = await self._warm_up(predictor, config.max_batch_size)
         except Exception as e:
+            self.device_watch.failed(e)
             self.load_error = f"model {config.checkpoint!r} failed to load: {e}"
             log.error(self.load_error)
             raise RuntimeError(self.load_error) from None
@@ -117,7 +120,15 @@ class Classifier:
                               "backend": predictor.backend.name}, load_seconds)
         log.info("loaded model %s version %s on %s (%s, %d threads) in %.2f s, warmed up on the inference thread "
                  "for batch sizes %s", weights.name, weights.version, predictor.device, predictor.backend.name,
-                 config.threads, load_seconds, list(sizes))
+                 config.threads, load_seconds, f"{sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else sizes[0])
+
+    async def _warm_up(self, predictor: Predictor, max_batch_size: int) -> list[int]:
+        """On the inference thread, a round at a time: the model serving now launches its batches between them.
+        Returns the sizes warmed, in order (every one from 1 up to a largest)."""
+        rounds = predictor.warm_up_rounds(max_batch_size, in_flight=BATCHES_IN_FLIGHT)
+        for sizes in rounds:
+            await self._inference.run(predictor.warm_up, sizes)
+        return sorted(set(itertools.chain.from_iterable(rounds)))
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -199,8 +210,23 @@ class Classifier:
         and the ranking to the completion thread, so that the next batch is staged and queued meanwhile. Chained
         here rather than from the event loop, so that a batch launched is always waited for (its staging memory
         freed) even if its caller is gone."""
-        in_flight = predictor.launch(pixels)
-        return self._completion.submit(lambda: predictor.rank(in_flight.wait(), top_k))
+        token = self.device_watch.launched()
+        try:
+            in_flight = predictor.launch(pixels)
+        except BaseException as e:
+            self.device_watch.finished(token, e)
+            raise
+
+        def complete() -> Ranked:
+            try:
+                logits = in_flight.wait()
+            except BaseException as e:
+                self.device_watch.finished(token, e)
+                raise
+            self.device_watch.finished(token)
+            return predictor.rank(logits, top_k)
+
+        return self._completion.submit(complete)
 
     def _require_model(self) -> Predictor:
         if self.predictor is None:
@@ -208,8 +234,10 @@ class Classifier:
         return self.predictor
 
     def check_health(self) -> None:
+        """Serve replaces a replica whose check raises: no model loaded, a failed device, or a batch stuck on it."""
         if self.predictor is None:
             raise RuntimeError(self.load_error or "the model is not loaded")
+        self.device_watch.check()
 
 
 def simulated_device(weights: Weights, config: SimulatedDeviceConfig) -> SimulatedDevice:

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from bcnn.backends import check_session, open_session, resolve
+from bcnn.backends import check_provider, check_session, is_device_failure, open_session, resolve
 from bcnn.checkpoint import save_checkpoint
 from bcnn.cli import main as bcnn_cli
 from bcnn.export import OnnxModelError, content_sha256
@@ -190,3 +190,26 @@ def test_a_cached_file_from_other_weights_is_refused(default_cache: Path, tmp_pa
         Predictor(weights, cache_dir=cache)
     assert any("exported from other weights" in r.message for r in caplog.records)
     check_session(open_session(path), path, content=content, weights=weights)  # replaced by a good export
+
+
+def test_a_session_not_running_on_the_provider_asked_for_is_refused(default_cache: Path) -> None:
+    """ONNX Runtime runs a session on the CPU, without raising, where its CUDA provider's libraries fail to load."""
+    session = open_session(_cached_file(default_cache))
+    check_provider(session, "CPUExecutionProvider")
+    with pytest.raises(ValueError, match="did not start CUDAExecutionProvider .*runs on CPUExecutionProvider"):
+        check_provider(session, "CUDAExecutionProvider")
+
+
+@pytest.mark.parametrize(("error", "device_failed"), [
+    (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), True),
+    (RuntimeError("CUDA error: unspecified launch failure"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), True),
+    (RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was encountered"), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.06 GiB"), False),
+    (RuntimeError("CUDA error: out of memory"), False),
+    (RuntimeError("Given groups=1, weight of size [64, 3, 3, 3], expected input to have 3 channels"), False),
+    (ValueError("could not broadcast input array"), False),
+])
+def test_only_errors_that_leave_the_device_unusable_count_as_its_failure(error: Exception,
+                                                                         device_failed: bool) -> None:
+    assert is_device_failure(error) is device_failed
