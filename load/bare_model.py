@@ -9,8 +9,9 @@ Variants (CUDA ones are skipped, saying so, where there is no GPU):
 - `cuda_graphs`: the same forward pass captured once per batch size as a CUDA graph and replayed (a batch padded up
   to the next captured size would use it in serving);
 - `compile`: `torch.compile` (Inductor, default mode), once per batch size;
-- `onnxruntime_cuda` / `tensorrt`: the project's ONNX export on ONNX Runtime's CUDA or TensorRT provider (needs
-  `onnxruntime-gpu`).
+- `onnxruntime_cuda` / `tensorrt`: the project's ONNX export on ONNX Runtime's CUDA provider (float32), or its
+  TensorRT provider in float16 with the CUDA provider for what TensorRT does not take (needs `onnxruntime-gpu`);
+  a provider that does not start is reported as skipped, never measured on the CPU.
 
     python -m load.bare_model --checkpoint default --variants eager,cuda_graphs --batch-sizes 32,64,128
 """
@@ -147,7 +148,14 @@ def _onnxruntime(provider: str) -> Callable[[Any, Any], Forward]:
         if provider not in ort.get_available_providers():
             raise _Skip(f"this onnxruntime has no {provider} (install onnxruntime-gpu)")
         data, _ = export_onnx(weights)
-        session = ort.InferenceSession(data, providers=[(provider, {"device_id": device.index or 0})])
+        cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
+        providers: list[tuple[str, dict[str, object]]] = [cuda]
+        if provider == "TensorrtExecutionProvider":
+            # float16 as the eager variant runs; the CUDA provider takes the nodes TensorRT does not
+            providers = [(provider, {"device_id": device.index or 0, "trt_fp16_enable": True}), cuda]
+        session = ort.InferenceSession(data, providers=providers)
+        if session.get_providers()[0] != provider:
+            raise _Skip(f"{provider} did not start (the session runs on {', '.join(session.get_providers())})")
         return lambda images: torch.from_numpy(
             session.run([OUTPUT_NAME], {INPUT_NAME: images.contiguous().numpy()})[0])
 
@@ -193,6 +201,8 @@ def variant_rates(checkpoint: str, variant: str, batch_sizes: tuple[int, ...], s
                               "images_per_s": _rates(forward, side, batch_sizes, seconds)}
     images = _photos(photos, weights.preprocess) if photos else [
         torch.randint(0, 256, (3, side, side), dtype=torch.uint8) for _ in range(8)]
+    # The reference is float32 throughout: Hopper runs float32 convolutions in TF32 unless told not to.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     reference = _torch_model(weights, device).float()
     check = verify(lambda batch: reference(batch.to(device)).cpu(), forward, images)
     result["check"] = {"passed": check.passed, "top1_equal": check.top1_equal, "images": check.images,

@@ -1,5 +1,8 @@
 """The whole GPU measurement in one run, for a lent GPU machine (at most 8 minutes there; everything under `--out`):
 
+0. the GPU path's correctness (`load.gpu_check`): pipelined batches against synchronous ones while staging slots are
+   made and a model is swapped, finite logits under autocast, first passes after warm-up, out-of-memory, copies
+   overlapping kernels. If it fails, nothing is measured: speeds of wrong answers mean nothing;
 1. the bare VGG16-BCNN at 448 per batch size for each forward-pass variant (`load.bare_model`), each checked against
    the eager float32 model, with its build time;
 2. the Classifier alone with the real GPU (`load.classifier_profile`): images/s against the bare model's rate at the
@@ -57,6 +60,7 @@ def steps(out: Path, checkpoint: Path, short: bool) -> list[tuple[str, list[str]
             "--batch-sizes", "32,64,128" if not short else "1,2", "--no-readme", *gpu_args, *timing]
     bare_model = [*python, "load.bare_model", "--checkpoint", str(checkpoint)]
     return [
+        ("correctness", [*python, "load.gpu_check", *(["--short"] if short else []), "--out", str(out)], 60),
         ("bare_model", [*bare_model, *bare, "--out", str(out / "bare_model.json")], 60),
         ("classifier", [*python, "load.bench", "--profile", "classifier", *classifier,
                         "--out", str(out / "classifier.json")], 60),
@@ -81,6 +85,9 @@ def run(out: Path, *, short: bool, budget_s: float) -> dict[str, Any]:
                                         num_classes=200, input_size=64 if short else 448)
     for name, command, needs_s in steps(out, checkpoint, short):
         left = budget_s - (time.monotonic() - start)
+        if summary["steps"].get("correctness", {}).get("exit", 0) != 0:
+            summary["steps"][name] = {"skipped": "the GPU path is not correct (gpu-check.json)"}
+            continue
         if left < needs_s:
             summary["steps"][name] = {"skipped": f"{left:.0f} s left, {needs_s:g} s wanted"}
             continue

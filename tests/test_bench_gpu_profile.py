@@ -1,9 +1,10 @@
 """The GPU run (`python -m load.gpu_run`) in its short form on this CPU, so that it cannot rot between runs on a GPU
-machine: the bare model per variant, the Classifier alone against the simulated device, and the GPU profile of the
-whole node (one logical GPU, a VGG16-BCNN at 64x64 with the 2019 design beside it, wrk where it is installed, py-spy
-on the Classifier). The Classifier step holds the short form of the overlap target: at the production input size it
-keeps a device four times slower than an H200 at least 0.9 busy (the serial Classifier before it: 0.77). Its own Ray,
-so this module runs before the session's service starts."""
+machine: the GPU path's correctness check (what a CPU can run of it), the bare model per variant, the Classifier
+alone against the simulated device, and the GPU profile of the whole node (one logical GPU, a VGG16-BCNN at 64x64
+with the 2019 design beside it, wrk where it is installed, py-spy on the Classifier). The Classifier step holds the
+short form of the overlap target: at the production input size it keeps a device four times slower than an H200 at
+least 0.9 busy (the serial Classifier before it: 0.77). Its own Ray, so this module runs before the session's
+service starts."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def test_the_gpu_run_in_short(tmp_path: Path, photos: list) -> None:  # noqa: AR
     logs = {p.name: p.read_text()[-3000:] for p in tmp_path.glob("*.log")}
     assert run.returncode == 0, (run.stdout[-2000:], logs)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["steps"]) == {"bare_model", "classifier", "node"}
+    assert set(summary["steps"]) == {"correctness", "bare_model", "classifier", "node"}
+
+    check = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert check["passed"] and check["pipelined"]["passed"] and check["lite0_autocast"]["passed"], check
+    assert check["pipelined"]["swapped_at_round"] is not None and check["pipelined"]["worst_relative_diff"] <= 1e-3
+    assert set(check["first_passes"]["first_ms"]) == {"1", "2", "3", "4"}
+    assert check["out_of_memory"] == check["overlap"] == {"skipped": "needs a CUDA GPU"}
 
     bare = json.loads((tmp_path / "bare_model.json").read_text())
     assert set(bare["eager"]["images_per_s"]) == {"1", "2"} and bare["eager"]["check"]["passed"], bare
