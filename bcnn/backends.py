@@ -24,14 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bcnn.backend_names import BACKENDS, BackendName
 from bcnn.export import INPUT_NAME, OUTPUT_NAME, OnnxModelError, content_sha256, export_onnx, write_atomically
 from bcnn.models import ImageClassifier, build_model, prepare_for_inference
 from bcnn.weights import Weights
 
 log = logging.getLogger(__name__)
 
-BackendName = Literal["auto", "torch", "onnxruntime"]
-BACKENDS: tuple[BackendName, ...] = ("auto", "torch", "onnxruntime")
 
 
 class InFlight(Protocol):

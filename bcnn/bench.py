@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from bcnn.backends import BackendName
+from bcnn.backend_names import BackendName
 from bcnn.predict import Predictor
 from bcnn.weights import get_weights
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bcnn.images import Preprocess
 from bcnn.models import default_preprocess
-from bcnn.preprocess import Preprocess
 from bcnn.species import SpeciesRule
 from bcnn.weights import Weights
 

@@ -8,12 +8,10 @@ import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from bcnn.preprocess import DEFAULT_MAX_PIXELS, ImageError
-
-if TYPE_CHECKING:
-    from bcnn.predict import Answer
+from bcnn.answers import Answer
+from bcnn.backend_names import BACKENDS
+from bcnn.images import DEFAULT_MAX_PIXELS, ImageError
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -167,8 +165,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
     from bcnn.models import BACKBONES
-    from bcnn.predict import DEFAULT_WATERBIRD_THRESHOLD
 
     parser = argparse.ArgumentParser(prog="python -m bcnn", description="Bilinear CNN waterbird recognition")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -181,8 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
     def backend_option(p: argparse.ArgumentParser, *extra: str) -> None:
-        from bcnn.backends import BACKENDS
-
         p.add_argument("--backend", choices=(*BACKENDS, *extra), default="auto",
                        help="where the forward pass runs; auto: ONNX Runtime on the CPU, torch on CUDA")
 

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from bcnn.preprocess import Preprocess, preprocess_image
+from bcnn.images import Preprocess
+from bcnn.preprocess import preprocess_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.models import ImageClassifier, build_model, prepare_for_inference
-from bcnn.weights import DEFAULT_WATERBIRD_THRESHOLD, Weights
+from bcnn.weights import Weights
 
 FORMAT = "waterbirds-onnx"
 FORMAT_VERSION = 1

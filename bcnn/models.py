@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcnn.backbones import EfficientNetLite0, vgg16_relu5_3
-from bcnn.preprocess import Preprocess
+from bcnn.images import Preprocess
 
 if TYPE_CHECKING:
     from bcnn.weights import Weights

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bcnn.preprocess import Preprocess
+from bcnn.images import Preprocess
 from bcnn.species import SpeciesRule
 
 # torchvision's ImageNet-1k class names, in class-index order, kept here so that serving never imports
@@ -32,16 +32,6 @@ WATERBIRD_IMAGENET_CLASSES: tuple[int, ...] = (
 """ImageNet-1k classes that are waterbirds. 517 (crane, the machine) is deliberately not among them."""
 
 DEFAULT = "waterbirds-imagenet"
-
-DEFAULT_WATERBIRD_THRESHOLD = 0.2
-"""Probability mass the full softmax must put on the answer classes to call a photo a waterbird.
-
-Measured with the embedded default (docs/model.md, "Choosing the waterbird threshold"): 20 non-bird photos (a cat,
-people, a rocket, coffee, textures...) put at most 0.026 on the waterbird classes; 78% of the 243 shared
-waterbird photos put at least 0.2 there (the rest are species ImageNet does not have, such as gulls and grebes).
-0.2 keeps an eightfold margin above everything that is not a bird.
-"""
-
 
 @dataclass(frozen=True)
 class Weights:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from ray import serve
 
+from bcnn.answers import Ranked
 from bcnn.phone import PhoneModel, phone_model
-from bcnn.predict import Predictor, Ranked
+from bcnn.predict import Predictor
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
 from bcnn.weights import Weights, get_weights
 from deployments.config import ClassifierConfig, SimulatedDeviceConfig
@@ -177,7 +178,12 @@ class Classifier:
         assert self.config is not None
         step = self.config.max_batch_size
         parts = [_Images(batch.pixels[i:i + step], top_k) for i in range(0, len(batch.pixels), step)]
-        scores = await asyncio.gather(*map(self._classify_batch, parts))
+        try:
+            scores = await asyncio.gather(*map(self._classify_batch, parts))
+        except Exception as e:
+            # Sent on as a builtin type: the ingress, which never loads torch, would import it to unpickle one of
+            # torch's (out of memory, a CUDA error); it answers any failure here as a 500 all the same.
+            raise RuntimeError(f"the forward pass failed: {type(e).__name__}: {e}") from e
         log.info("classified %d of %d uploads", len(batch.pixels), batch.size, extra={"request_ids": batch.request_ids})
         return ScoredBatch(list(scores), batch.preprocess_ms, batch.rejected)
 

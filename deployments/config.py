@@ -6,9 +6,9 @@ import ipaddress
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bcnn.backends import BackendName
-from bcnn.predict import DEFAULT_WATERBIRD_THRESHOLD
-from bcnn.preprocess import DEFAULT_MAX_PIXELS
+from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
+from bcnn.backend_names import BackendName
+from bcnn.images import DEFAULT_MAX_PIXELS
 
 
 class _Strict(BaseModel):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bcnn.predict import Answer, Ranked
-from bcnn.preprocess import ImageError, Preprocess
+from bcnn.answers import Answer, Ranked
+from bcnn.images import ImageError, Preprocess
 
 CALL_BUDGET_BYTES = 2**30
 """Upload bytes plus decoded pixels per call between stages: a batch of any size, upload size or input size is sent

@@ -11,7 +11,8 @@ import torch
 from ray import serve
 
 from bcnn.allocator import keep_freed_memory
-from bcnn.preprocess import ImageError, Preprocess, load_image
+from bcnn.images import ImageError, Preprocess
+from bcnn.preprocess import load_image
 from deployments.config import PreprocessorConfig
 from deployments.messages import PreparedBatch
 from deployments.metrics import PreprocessorMetrics

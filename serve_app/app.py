@@ -7,9 +7,7 @@ the YAML's `args` into `AppArgs`, and a string annotation would hand it a plain 
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
-from deployments.classifier import Classifier
 from deployments.config import ClassifierConfig, IngressConfig, PreprocessorConfig
-from deployments.preprocessor import Preprocessor
 from serve_app.ingress import Ingress
 
 
@@ -25,6 +23,11 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> Application:
+    # The model's stages are imported where the application is built, not with this module: everything under
+    # serve_app/ loads without torch, as every Ingress replica does.
+    from deployments.classifier import Classifier
+    from deployments.preprocessor import Preprocessor
+
     return Ingress.options(user_config=args.ingress.model_dump()).bind(
         Preprocessor.options(user_config=args.preprocessor.model_dump()).bind(),
         Classifier.options(user_config=args.classifier.model_dump()).bind(),

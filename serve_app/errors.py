@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from bcnn.preprocess import EmptyImage, ImageError, ImageTooLarge, InvalidImage, UnsupportedFormat
+from bcnn.images import EmptyImage, ImageError, ImageTooLarge, InvalidImage, UnsupportedFormat
 from serve_app.admission import Overloaded, OverShare
 
 

@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
 from bcnn.allocator import keep_freed_memory
-from bcnn.preprocess import ImageError
+from bcnn.images import ImageError
 from deployments.config import IngressConfig
 from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, ScoredBatch
 from deployments.metrics import IngressMetrics

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bcnn.checkpoint import CheckpointError, load_checkpoint, read_classes_file, save_checkpoint
+from bcnn.images import Preprocess
 from bcnn.models import BCNN, bcnn, build_model
-from bcnn.preprocess import Preprocess
 from bcnn.weights import get_weights
 
 SMALL = Preprocess(64, 72)

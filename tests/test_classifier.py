@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from bcnn.answers import Ranked
 from bcnn.backends import Backend, InFlight
-from bcnn.predict import Predictor, Ranked
+from bcnn.predict import Predictor
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice
 from bcnn.weights import get_weights
 from deployments.classifier import BATCHES_IN_FLIGHT, Classifier

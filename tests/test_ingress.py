@@ -33,8 +33,8 @@ def test_a_batch_within_budget_is_one_call() -> None:
 def test_outcomes_put_answers_and_refusals_back_in_upload_order() -> None:
     import numpy as np
 
-    from bcnn.predict import Ranked
-    from bcnn.preprocess import InvalidImage
+    from bcnn.answers import Ranked
+    from bcnn.images import InvalidImage
     from deployments.messages import ScoredBatch, Scores
     from serve_app.ingress import outcomes
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from bcnn.backbones import Conv2dSame, EfficientNetLite0
+from bcnn.images import Preprocess
 from bcnn.models import BCNN, bcnn, bilinear_pool, build_model, prepare_for_inference, signed_sqrt
-from bcnn.preprocess import Preprocess
 from bcnn.weights import WEIGHTS
 
 
@@ -100,8 +100,9 @@ def test_serving_a_lite0_model_never_imports_torchvision() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, torch; from bcnn import Predictor, get_weights; p = Predictor(get_weights()); "
-            "p(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)); print('torchvision' in sys.modules)")
+    code = ("import sys, torch; from bcnn.predict import Predictor; from bcnn.weights import get_weights; "
+            "p = Predictor(get_weights()); p(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)); "
+            "print('torchvision' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 

@@ -8,18 +8,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bcnn.preprocess import (
-    EmptyImage,
-    ImageError,
-    ImageTooLarge,
-    InvalidImage,
-    Preprocess,
-    UnsupportedFormat,
-    decode_image,
-    load_image,
-    preprocess_image,
-    resize_and_crop,
-)
+from bcnn.images import EmptyImage, ImageError, ImageTooLarge, InvalidImage, Preprocess, UnsupportedFormat, decode_image
+from bcnn.preprocess import load_image, preprocess_image, resize_and_crop
 from tests import images
 
 PRE = Preprocess()

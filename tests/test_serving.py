@@ -314,6 +314,21 @@ def test_concurrent_uploads_travel_in_batches_and_a_bad_one_fails_alone(service:
     pytest.fail("concurrent uploads never travelled together in one batch")
 
 
+def test_ingress_replicas_never_load_torch(service: Service, photos: list[Photo]) -> None:
+    """Every Ingress replica imports the HTTP face and receives the Classifier's answers and errors: none of it
+    may bring in torch (most of a replica's memory), even after answering."""
+    uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:8]]
+    result = asyncio.run(run_load(service.url + "/classify", uploads, users=4, requests_per_user=2))
+    assert result.statuses == {200: 8}, result.summary()
+    assert _post(service, b"not an image").status_code == 400
+    ingresses = [p for p in psutil.process_iter(["cmdline"])
+                 if (p.info["cmdline"] or [""])[0].startswith("ray::ServeReplica:waterbirds:Ingress")]
+    assert ingresses, "no Ingress replica found among this machine's processes"
+    for process in ingresses:
+        mapped = {Path(m.path).name for m in process.memory_maps() if m.path}
+        assert not [name for name in mapped if "torch" in name], (process.pid, sorted(mapped))
+
+
 def test_preprocessors_decode_on_long_lived_threads(service: Service, photos: list[Photo]) -> None:
     """Serve runs a sync method on an anyio worker thread that ends with the request (on Serve's event loop),
     so a sync Preprocessor started and stopped a thread for nearly every batch, and most of its CPU went to

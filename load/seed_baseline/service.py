@@ -11,8 +11,9 @@ import os
 import torch
 from flask import Flask, jsonify, request
 
+from bcnn.images import ImageError
 from bcnn.predict import Predictor
-from bcnn.preprocess import ImageError, preprocess_image
+from bcnn.preprocess import preprocess_image
 from bcnn.weights import get_weights
 
 # Like the original, each Gunicorn worker builds its own model when it imports this module. One thread per

@@ -1,0 +1,42 @@
+"""The layers' import rules: the model library knows nothing of Ray or HTTP, and the HTTP face never loads torch
+(every Ingress replica imports it; torch alone is most of a replica's memory)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """Top-level packages each module of `package` imports anywhere in its source, by module path."""
+    found = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_the_model_library_imports_no_serving_code() -> None:
+    forbidden = {"ray", "starlette", "deployments", "serve_app", "load"}
+    offending = {module: names & forbidden for module, names in _imports("bcnn").items() if names & forbidden}
+    assert not offending
+
+
+def test_nothing_under_serve_app_loads_torch() -> None:
+    """In a fresh interpreter, as an Ingress replica starts: every module under serve_app/, and what they import."""
+    code = ("import importlib, pkgutil, sys, serve_app\n"
+            "for m in pkgutil.walk_packages(serve_app.__path__, 'serve_app.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(sorted(n for n in ('torch', 'torchvision', 'onnxruntime', 'onnx') if n in sys.modules))\n")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert loaded.stdout == "[]\n", loaded.stderr[-2000:]
+    assert not {m: n for m, n in _imports("serve_app").items() if "torch" in n}
