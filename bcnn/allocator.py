@@ -1,11 +1,10 @@
 """Keep the forward pass's freed buffers in the process instead of handing them back to the kernel.
 
 glibc's malloc returns large freed blocks to the kernel at once (mmap threshold, heap trimming), so every forward
-pass maps its activation buffers afresh and page-faults them in: on the development CPU, about 3,500 page faults
-and a quarter of the time of one EfficientNet-Lite0 forward pass (33 ms -> 25 ms, no page faults, once kept).
-Peak memory does not change: the same buffers are reused instead of remapped. The serving stages call it too: the
-messages between them (a batch of 448x448 images is several MB) paid the same page faults at every hop.
-"""
+pass maps its activation buffers afresh and page-faults them in, a large share of a small model's pass on a CPU
+(docs/performance.md, "Results"). Peak memory does not change: the same buffers are reused instead of remapped.
+The serving stages call it too: the messages between them (a batch of 448x448 images is several MB) paid the same
+page faults at every hop."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ class TorchBackend:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
         """The images run channels last on every device (a copy only where they are not already, as pixels from
-        `bcnn.preprocess.load_image` are): on the development CPU Lite0 is 15-20% faster so than in NCHW."""
+        `bcnn.preprocess.load_image` are): Lite0 is faster so on a CPU too (docs/performance.md, "Results")."""
         if self.threads is not None and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # OpenMP's thread count belongs to the calling thread
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ share a GPU (Ray's fractional GPUs) share its timeline, kept in a small file, as
 (the switches between them cost nothing here: an optimistic model of sharing).
 
 The default timing is fitted to one NVIDIA H200 running the VGG16-BCNN at 448 (eager, float16 autocast, channels
-last; 2026-11-26): 1,661-1,793 images/s at batch 32-128, about 1.6 ms + 0.55 ms per image.
+last), as measured in docs/performance.md ("The Classifier alone").
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ class ClassifierConfig(_Strict):
     # takes 32 or more.
     max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
     batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
-    # ONNX Runtime ran the embedded default 1.7-2.2x as fast as torch on the development CPU, a VGG16-BCNN at 448
-    # 1.04-1.12x (docs/performance.md, "Results"); on CUDA `auto` keeps torch.
+    # ONNX Runtime is the faster of the two on a CPU for every model served (docs/performance.md, "Results"); on
+    # CUDA `auto` keeps torch.
     backend: BackendName = Field("auto", description="where the forward pass runs: auto is ONNX Runtime on the CPU, "
                                  "torch on CUDA")
     threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")

@@ -32,12 +32,11 @@ SERVE_ENV = {
     # `serve deploy`, `serve status`) send it only when told to.
     "RAY_AUTH_MODE": "token",
     # Ray's throughput mode: user code on the replica's main loop, gRPC between replicas, buffered request
-    # logs. Measured here at 1/8/64 users: 17/35/35 req/s with it, 15/27/13 without (docs/performance.md, "What
-    # was tried").
+    # logs; faster at every load measured (docs/performance.md, "What was tried on the serving path").
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # HAProxy in front of the ingress replicas, which then serve HTTP themselves: no Python proxy hop, about
-    # 6 ms of CPU less per request here (docs/performance.md, "What was tried on the serving path"). `stop_ray`
-    # stops it with Ray.
+    # HAProxy in front of the ingress replicas, which then serve HTTP themselves: no Python proxy hop, whose CPU
+    # per request was the largest of the path (docs/performance.md, "What was tried on the serving path").
+    # `stop_ray` stops it with Ray.
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
 # ... run through `waterbirds-haproxy`, which appends each client's address to X-Forwarded-For: fair admission

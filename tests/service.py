@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE_PORT = 8000
 LOGS = Path("/tmp/ray/session_latest/logs/serve")
 # The environment `make serve` runs with, plus request logs written at once so tests can read them, and an ingress
-# replica that stops drains for 5 s instead of Serve's 30 (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S): those
-# 30 s let an outside load balancer deregister it, and here the only one is Serve's own HAProxy. A deploy that
-# replaced both ingress replicas (the local profile's) took a minute for it, 23 s without. Harsher, not kinder, than
-# production: Serve stops an old ingress replica before its replacement runs, and the 30 s usually cover the
+# replica that stops drains for 5 s instead of Serve's 30 (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S): the 30 s
+# let an outside load balancer deregister it, and here there is none but Serve's own HAProxy. Harsher, not kinder,
+# than production: Serve stops an old ingress replica before its replacement runs, and the 30 s usually cover the
 # replacement's start, so here an upload can wait through a gap that production would not have.
 ENV = {**os.environ, **SERVE_ENV, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
