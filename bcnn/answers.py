@@ -36,13 +36,14 @@ class Answer:
     predictions: tuple[Prediction, ...]
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The answer as the service sends it: JSON-ready, each prediction its label and score."""
+        return {**asdict(self), "predictions": [{"label": p.label, "score": p.score} for p in self.predictions]}
 
 
 @dataclass(frozen=True)
 class Ranked:
-    """A batch's answers as arrays, best first: cheap to send between processes whatever the batch size. The
-    answers themselves (`answer`) are made where they are used, with the model's labels."""
+    """A batch's answers as arrays, best first, as ranking gives them; `answer` makes one image's with the model's
+    labels."""
 
     indices: np.ndarray
     """int64 [N, k]: positions in the model's labels"""

@@ -16,17 +16,15 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 from ray import serve
 
-from bcnn.answers import Ranked
 from bcnn.phone import PhoneModel, phone_model
 from bcnn.predict import Predictor
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
 from bcnn.weights import Weights, get_weights
 from deployments.config import ClassifierConfig, SimulatedDeviceConfig
 from deployments.device_watch import DeviceWatch
-from deployments.messages import ModelCard, PreparedBatch, ScoredBatch, Scores
+from deployments.messages import Classified, ModelCard, Outcome, PreparedBatch, PreparedForAnotherModel
 from deployments.metrics import GAUGE_REFRESH_S, ClassifierMetrics
 from deployments.threads import DedicatedThread
 
@@ -39,13 +37,14 @@ BATCHES_IN_FLIGHT = 3
 _MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads", "simulated_device")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Images:
     """Part of one caller's batch, at most one forward pass in size."""
 
     pixels: np.ndarray
     """uint8 [n, H, W, 3]"""
-    top_k: int
+    top_ks: tuple[int, ...]
+    preprocess_ms: tuple[float, ...]
 
 
 def _count_images(parts: list[_Images]) -> int:
@@ -170,50 +169,57 @@ class Classifier:
                 self._phone, self._phone_max_bytes = model, max_bytes
             return model
 
-    async def __call__(self, batch: PreparedBatch, top_k: int) -> ScoredBatch:
-        """The `top_k` best classes of each usable image of a batch, in order, one `Scores` per forward pass they
-        went through. A batch larger than one forward pass is split; `@serve.batch` merges small ones from
-        concurrent callers into one pass."""
+    async def __call__(self, batch: PreparedBatch, top_ks: tuple[int, ...]) -> list[Outcome]:
+        """Each upload's outcome, in upload order: its answer with its own `top_ks` species, or the error the
+        Preprocessor refused it with. A batch larger than one forward pass is split; `@serve.batch` merges small
+        ones from concurrent callers into one pass."""
         self._require_model()
         assert self.config is not None
+        usable = [i for i in range(batch.size) if i not in batch.rejected]
         step = self.config.max_batch_size
-        parts = [_Images(batch.pixels[i:i + step], top_k) for i in range(0, len(batch.pixels), step)]
+        parts = [_Images(batch.pixels[i:i + step], tuple(top_ks[u] for u in usable[i:i + step]),
+                         batch.preprocess_ms[i:i + step]) for i in range(0, len(usable), step)]
         try:
-            scores = await asyncio.gather(*map(self._classify_batch, parts))
+            answered = iter(itertools.chain.from_iterable(await asyncio.gather(*map(self._classify_batch, parts))))
         except Exception as e:
             # Sent on as a builtin type: the ingress, which never loads torch, would import it to unpickle one of
             # torch's (out of memory, a CUDA error); it answers any failure here as a 500 all the same.
             raise RuntimeError(f"the forward pass failed: {type(e).__name__}: {e}") from e
-        log.info("classified %d of %d uploads", len(batch.pixels), batch.size, extra={"request_ids": batch.request_ids})
-        return ScoredBatch(list(scores), batch.preprocess_ms, batch.rejected)
+        log.info("classified %d of %d uploads", len(usable), batch.size, extra={"request_ids": batch.request_ids})
+        return [batch.rejected[i] if i in batch.rejected else next(answered) for i in range(batch.size)]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_count_images,
                  max_concurrent_batches=BATCHES_IN_FLIGHT)
-    async def _classify_batch(self, parts: list[_Images]) -> list[Scores]:
+    async def _classify_batch(self, parts: list[_Images]) -> list[list[Classified | PreparedForAnotherModel]]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
         config = self.config
         assert config is not None
-        size = predictor.weights.preprocess.crop_size
-        pixels = [_fit(p.pixels, size) for p in parts]
-        images = sum(len(p) for p in pixels)
-        top_k = max(p.top_k for p in parts)
+        side = predictor.weights.preprocess.crop_size
+        # Only during a swap to a model of another input size do images arrive decoded for the old one.
+        fitting = [p for p in parts if p.pixels.shape[1:3] == (side, side)]
+        pixels = [p.pixels for p in fitting]
+        top_ks = tuple(itertools.chain.from_iterable(p.top_ks for p in fitting))
+        images = len(top_ks)
         start = time.perf_counter()
-        if config.skip_forward:
-            ranked = predictor.rank(torch.zeros(images, len(predictor.weights.categories)), top_k)
+        if not fitting:
+            answers: list[dict[str, object]] = []
+        elif config.skip_forward:
+            answers = _answers(predictor, torch.zeros(images, len(predictor.weights.categories)), top_ks)
         else:
-            ranked = await asyncio.wrap_future(await self._inference.run(self._launch, predictor, pixels, top_k))
+            answers = await asyncio.wrap_future(await self._inference.run(self._launch, predictor, pixels, top_ks))
         inference_ms = (time.perf_counter() - start) * 1000
-        self.metrics.latency.observe(inference_ms)
-        self.metrics.batch_size.observe(images)
-        weights = predictor.weights
-        ends = list(itertools.accumulate(len(p.pixels) for p in parts))
-        return [Scores(ranked[end - len(p.pixels):end], predictor.labels, weights.name, weights.version,
-                       inference_ms, images, resized=fitted is not p.pixels)
-                for p, fitted, end in zip(parts, pixels, ends, strict=True)]
+        if fitting:
+            self.metrics.latency.observe(inference_ms)
+            self.metrics.batch_size.observe(images)
+        weights, answered = predictor.weights, iter(answers)
+        return [[Classified(next(answered), weights.name, weights.version, ms, inference_ms, images)
+                 for ms in p.preprocess_ms] if p in fitting else [PreparedForAnotherModel()] * len(p.pixels)
+                for p in parts]
 
-    def _launch(self, predictor: Predictor, pixels: list[np.ndarray], top_k: int) -> Future[Ranked]:
+    def _launch(self, predictor: Predictor, pixels: list[np.ndarray],
+                top_ks: tuple[int, ...]) -> Future[list[dict[str, object]]]:
         """On the inference thread: stage the batch and queue its forward pass, then hand the wait for the device
-        and the ranking to the completion thread, so that the next batch is staged and queued meanwhile. Chained
+        and the answers to the completion thread, so that the next batch is staged and queued meanwhile. Chained
         here rather than from the event loop, so that a batch launched is always waited for (its staging memory
         freed) even if its caller is gone."""
         token = self.device_watch.launched()
@@ -223,14 +229,14 @@ class Classifier:
             self.device_watch.finished(token, e)
             raise
 
-        def complete() -> Ranked:
+        def complete() -> list[dict[str, object]]:
             try:
                 logits = in_flight.wait()
             except BaseException as e:
                 self.device_watch.finished(token, e)
                 raise
             self.device_watch.finished(token)
-            return predictor.rank(logits, top_k)
+            return _answers(predictor, logits, top_ks)
 
         return self._completion.submit(complete)
 
@@ -259,10 +265,7 @@ def simulated_device(weights: Weights, config: SimulatedDeviceConfig) -> Simulat
     return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, timing, timeline)
 
 
-def _fit(pixels: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [n, H, W, 3]. Only during a swap to a model with another input size can images arrive at the old size."""
-    if pixels.shape[1] == size and pixels.shape[2] == size:
-        return pixels
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
-    resized = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+def _answers(predictor: Predictor, logits: torch.Tensor, top_ks: tuple[int, ...]) -> list[dict[str, object]]:
+    """Each image's answer with its own number of species, as the service sends it."""
+    ranked = predictor.rank(logits, max(top_ks))
+    return [ranked.answer(row, predictor.labels, k).to_dict() for row, k in enumerate(top_ks)]

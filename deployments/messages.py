@@ -12,7 +12,8 @@ Pixels travel as numpy arrays, channels last, as decoders and resizers write the
 (channels_last): Ray pickles a torch tensor through torch's own serializer, several times slower than an array.
 
 Uploads travel in batches (the ingress gathers the requests in flight): one call per stage carries many images,
-so Serve's per-call cost is paid once per batch rather than once per image.
+so Serve's per-call cost is paid once per batch rather than once per image. The Classifier finishes each upload's
+answer, and the ingress hands it on: nothing of the model's travels further than its answers.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bcnn.answers import Answer, Ranked
 from bcnn.images import ImageError, Preprocess
 
 CALL_BUDGET_BYTES = 2**30
@@ -59,45 +59,25 @@ class ModelCard:
 
 
 @dataclass(frozen=True)
-class Scores:
-    """Classifier -> Ingress: the answers of one forward pass for consecutive usable images of a batch, as arrays.
-    The ingress makes each request's answer from them (`Ranked.answer`), so the Python per request runs in the
-    replicas that scale, not in the one Classifier a GPU has."""
-
-    ranked: Ranked
-    labels: tuple[str, ...]
-    model_name: str
-    model_version: str
-    inference_ms: float
-    batch_size: int
-    """images in the forward pass, other callers' included"""
-    resized: bool = False
-    """the images arrived at another input size (decoded for the model before a swap) and were resized to fit"""
-
-
-@dataclass(frozen=True)
-class ScoredBatch:
-    """Classifier -> Ingress: a batch's answers: the usable uploads' scores in upload order, one `Scores` per
-    forward pass they went through, and each refused upload's error by position."""
-
-    scores: list[Scores]
-    preprocess_ms: tuple[float, ...]
-    rejected: dict[int, ImageError]
-
-
-@dataclass(frozen=True)
 class Classified:
-    """One usable upload's answer, made by the ingress from its batch's `Scores`."""
+    """One usable upload's answer, finished by the Classifier."""
 
-    answer: Answer
+    answer: dict[str, object]
+    """`bcnn.answers.Answer.to_dict()`: is_waterbird, waterbird_score, species_known, species_confidence,
+    predictions"""
     model_name: str
     model_version: str
     preprocess_ms: float
     inference_ms: float
     batch_size: int
-    resized: bool = False
-    """decoded for the model before a swap (`Scores.resized`): the ingress decodes it again for this one"""
+    """images in the forward pass, other callers' included"""
 
 
-Outcome = Classified | ImageError
-"""What the pipeline answers for each upload of a batch."""
+@dataclass(frozen=True)
+class PreparedForAnotherModel:
+    """An upload decoded for the input size of the model served before a swap: the ingress sends it again,
+    prepared for the model served now, so that even the first answers after a swap are exact."""
+
+
+Outcome = Classified | ImageError | PreparedForAnotherModel
+"""What the Classifier answers for each upload of a batch, in upload order."""

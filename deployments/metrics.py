@@ -17,25 +17,12 @@ GAUGE_REFRESH_S = 1.0
 class IngressMetrics:
     def __init__(self) -> None:
         self.requests = Counter("waterbirds_requests", description="HTTP requests by route and outcome "
-                                "(ok, client_error, over_share, overloaded, server_error)",
+                                "(ok, client_error, over_share, overloaded, server_error: serve_app.http.outcome_of)",
                                 tag_keys=("route", "outcome"))
         self.predictions = Counter("waterbirds_predictions", description="Answers by top species and verdict",
                                    tag_keys=("species", "is_waterbird"))
         self.latency = Histogram("waterbirds_request_latency_ms", description="Whole /classify request, ms",
                                  boundaries=LATENCY_MS)
-
-    def request(self, route: str, status: int) -> None:
-        if status < 400:
-            outcome = "ok"
-        elif status == 503:
-            outcome = "overloaded"
-        elif status == 429:
-            outcome = "over_share"  # a client over its share of the service (serve_app.admission)
-        elif status < 500:
-            outcome = "client_error"
-        else:
-            outcome = "server_error"
-        self.requests.inc(tags={"route": route, "outcome": outcome})
 
 
 class PreprocessorMetrics:

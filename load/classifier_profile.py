@@ -106,9 +106,10 @@ def _deploy(checkpoint: str, classifiers_per_gpu: int, simulated: dict[str, floa
     return serve.run(app, name=APP, route_prefix=None)
 
 
-async def _drive(handle: Any, refs: list[Any], *, callers: int, seconds: float, top_k: int = 5) -> dict[str, Any]:
-    """Closed-loop callers, each sending the next batch when the last is answered; per answered part of a batch,
-    its images and the size of the forward pass it went through."""
+async def _drive(handle: Any, refs: list[Any], *, batch_size: int, callers: int, seconds: float,
+                 top_k: int = 5) -> dict[str, Any]:
+    """Closed-loop callers, each sending the next batch when the last is answered; per answered image, the size of
+    the forward pass it went through."""
     handle = handle.options(_by_reference=True)
     parts: list[tuple[int, int]] = []
     deadline = time.monotonic() + seconds
@@ -116,8 +117,8 @@ async def _drive(handle: Any, refs: list[Any], *, callers: int, seconds: float, 
     async def caller(index: int) -> None:
         i = index
         while time.monotonic() < deadline:
-            scored = await handle.remote(refs[i % len(refs)], top_k)
-            parts.extend((len(s.ranked), s.batch_size) for s in scored.scores)
+            outcomes = await handle.remote(refs[i % len(refs)], (top_k,) * batch_size)
+            parts.extend((1, o.batch_size) for o in outcomes)  # each image, and the pass it went through
             i += 1
 
     start = time.monotonic()
@@ -128,12 +129,12 @@ async def _drive(handle: Any, refs: list[Any], *, callers: int, seconds: float, 
 async def _measure(handle: Any, refs: list[Any], args: Settings) -> tuple[dict[str, Any], dict[str, float], float]:
     """A warm-up, the replicas' idle CPU, then the measured load with every role's CPU and this driver's. (One event
     loop for all: a deployment handle keeps to the loop it was first used on.)"""
-    await _drive(handle, refs, callers=args.callers, seconds=args.warmup)
+    await _drive(handle, refs, batch_size=args.batch_size, callers=args.callers, seconds=args.warmup)
     with CpuWatch() as idle:
         await asyncio.sleep(args.idle)
     driver_cpu = time.process_time()
     with CpuWatch() as watch:
-        driven = await _drive(handle, refs, callers=args.callers, seconds=args.seconds)
+        driven = await _drive(handle, refs, batch_size=args.batch_size, callers=args.callers, seconds=args.seconds)
     driver_cpu = time.process_time() - driver_cpu
     busy, _ = busy_ms_by_role(idle, watch)
     return driven, busy, driver_cpu

@@ -26,12 +26,15 @@ to enter the pipeline: while other clients are about, each client may have at mo
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+
+log = logging.getLogger("ray.serve")
 
 # Answers the rate is measured over: about a second of work on a small CPU, a fraction of one on a GPU node.
 RATE_WINDOW = 128
@@ -338,3 +341,26 @@ class Admission:
     def _bounded_retry_after(self, wait: float | None) -> int:
         return max(self.limits.min_retry_after_s,
                    min(MAX_RETRY_AFTER_S, math.ceil(wait)) if wait is not None else 0)
+
+
+class RefusalLog:
+    """One line a second at most, saying how many uploads were refused and why, instead of a line per refusal. The
+    count of a storm's last second is written with the next refusal; every refusal is counted in the metrics."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.count = 0
+        self.over_share = 0
+        self.since = time.monotonic()
+
+    def refused(self, error: Overloaded, admission: Admission) -> None:
+        self.count += 1
+        self.over_share += error.status == 429
+        now = time.monotonic()
+        if now - self.since >= self.interval_s:
+            log.info("refused %d uploads in %.1f s, %d of them 429 (last: %s; %d held by %d clients, %d at the "
+                     "door, Retry-After %d s)", self.count, now - self.since, self.over_share, error, admission.held,
+                     admission.clients, admission.waiting, error.retry_after_s,
+                     extra={"access": {"route": "/classify", "status": error.status, "refused": self.count,
+                                       "refused_429": self.over_share}})
+            self.count, self.over_share, self.since = 0, 0, now

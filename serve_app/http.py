@@ -1,5 +1,6 @@
-"""The HTTP API: routes, upload reading with limits, and the JSON answers. The pipeline behind it is the
-ingress deployment (`serve_app.ingress`), seen here only through the `Pipeline` protocol."""
+"""The HTTP face: the routes, an upload read within its limits, every error an exception type with its status in
+one table (`ERRORS`), and the access log. The pipeline behind it is the ingress deployment (`serve_app.ingress`),
+seen here only through the `Pipeline` protocol. Nothing here loads torch: every Ingress replica runs it."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from ray.serve.exceptions import BackPressureError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -18,19 +22,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bcnn.images import EmptyImage, ImageTooLarge, InvalidImage, UnsupportedFormat
 from deployments.config import IngressConfig
 from deployments.messages import Classified, ModelCard
 from deployments.metrics import IngressMetrics
-from serve_app.admission import Admission, Overloaded
-from serve_app.client_identity import ClientIdentity
-from serve_app.errors import (
-    ApiError,
-    error_response,
-    handle_http_exception,
-    handle_unexpected,
-    refusal,
-    to_api_error,
-)
+from serve_app.admission import Overloaded, OverShare
 from serve_app.offline import IMMUTABLE, ISOLATION, REVALIDATE, WebApp
 from serve_app.openapi import OPENAPI
 
@@ -38,11 +34,22 @@ log = logging.getLogger("ray.serve")
 
 
 class Pipeline(Protocol):
-    config: IngressConfig
-    admission: Admission
-    identity: ClientIdentity
+    """What the routes need of the ingress deployment."""
 
-    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified: ...
+    @property
+    def config(self) -> IngressConfig:
+        """The settings now in force (they change with `serve deploy`)."""
+        ...
+
+    def client_of(self, scope: Scope) -> str: ...
+
+    async def admit(self, client: str) -> None:
+        """A place for one upload of `client`, waiting at the door for one, or `Overloaded`; `release` it."""
+        ...
+
+    def release(self, client: str, *, answered: bool) -> None: ...
+
+    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float, client: str) -> Classified: ...
 
     async def model_card(self, *, refresh: bool = False) -> ModelCard: ...
 
@@ -53,9 +60,115 @@ class Pipeline(Protocol):
     async def health(self) -> dict[str, object]: ...
 
 
+class ApiError(Exception):
+    """A refusal of the HTTP face's own; its status and code are in `ERRORS`."""
+
+
 class BodyTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, "body_too_large", f"The upload is larger than the {limit / 2**20:g} MiB limit.")
+        super().__init__(f"The upload is larger than the {limit / 2**20:g} MiB limit.")
+
+
+class UploadTimeout(ApiError):
+    pass
+
+
+class UploadInterrupted(ApiError):
+    pass
+
+
+class UnsupportedMediaType(ApiError):
+    pass
+
+
+class BadMultipart(ApiError):
+    pass
+
+
+class MissingFile(ApiError):
+    pass
+
+
+class BadTopK(ApiError):
+    pass
+
+
+class NotFound(ApiError):
+    pass
+
+
+class ModelReplaced(ApiError):
+    pass
+
+
+ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (BodyTooLarge, 413, "body_too_large"),
+    (UploadTimeout, 408, "upload_timeout"),
+    (UploadInterrupted, 400, "client_disconnected"),
+    (UnsupportedMediaType, 415, "unsupported_media_type"),
+    (BadMultipart, 400, "bad_multipart"),
+    (MissingFile, 400, "missing_file"),
+    (BadTopK, 400, "bad_top_k"),
+    (NotFound, 404, "not_found"),
+    (ModelReplaced, 404, "model_replaced"),
+    # An image refused by the Preprocessor arrives from its replica as an instance of its own type too.
+    *((kind, status, kind.code) for kind, status in ((EmptyImage, 400), (InvalidImage, 400),
+                                                     (UnsupportedFormat, 415), (ImageTooLarge, 413))),
+    (OverShare, 429, "too_many_requests"),
+    (Overloaded, 503, "overloaded"),
+    (BackPressureError, 503, "overloaded"),  # Serve's own queue limits, above admission's
+    (TimeoutError, 504, "timeout"),
+)
+"""Every error the API answers, by exception type (the first that matches): anything else is a 500."""
+
+_MESSAGES = {
+    "overloaded": "The service is at capacity; try again in {retry_after} s.",
+    "too_many_requests": "This client has more uploads in progress than its share of the service while others are "
+                         "waiting; try again in {retry_after} s.",
+    "timeout": "The request took too long and was abandoned; try again.",
+    "internal_error": "Something went wrong on our side; the request id identifies it.",
+}
+
+
+@dataclass(frozen=True)
+class ErrorAnswer:
+    status: int
+    code: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def body(self) -> bytes:
+        return json.dumps({"error": {"code": self.code, "message": self.message}}, separators=(",", ":")).encode()
+
+    def response(self) -> Response:
+        return Response(self.body, status_code=self.status, headers=self.headers, media_type="application/json")
+
+
+def error_answer(exc: BaseException, *, retry_after_s: int = 1) -> ErrorAnswer:
+    """The one way from an exception to what the client is told."""
+    if isinstance(exc, HTTPException) and exc.status_code < 500:  # Starlette's own: no route, a form it refused
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return ErrorAnswer(exc.status_code, codes.get(exc.status_code, "bad_request"), str(exc.detail),
+                           dict(exc.headers or {}))
+    status, code = next(((s, c) for kind, s, c in ERRORS if isinstance(exc, kind)), (500, "internal_error"))
+    retry_after = exc.retry_after_s if isinstance(exc, Overloaded) else retry_after_s
+    message = _MESSAGES[code].format(retry_after=retry_after) if code in _MESSAGES else _message(exc)
+    return ErrorAnswer(status, code, message, {"Retry-After": str(retry_after)} if status in (429, 503) else {})
+
+
+def _message(exc: BaseException) -> str:
+    """The user-facing message of an exception that may have crossed a process boundary."""
+    cause = getattr(exc, "cause", None)  # RayTaskError keeps the original exception here
+    text = str(cause if isinstance(cause, BaseException) else exc)
+    return text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+
+
+def outcome_of(status: int) -> str:
+    """How the metrics count a response: ok, over_share (429), overloaded (503), client_error, server_error."""
+    if status < 400:
+        return "ok"
+    return {429: "over_share", 503: "overloaded"}.get(status, "client_error" if status < 500 else "server_error")
 
 
 def _limited(receive: Receive, limit: int) -> Receive:
@@ -89,13 +202,11 @@ async def read_upload(request: Request, config: IngressConfig) -> bytes:
             if content_type.startswith("image/") or content_type == "application/octet-stream":
                 return await request.body()
     except TimeoutError:
-        raise ApiError(408, "upload_timeout",
-                       f"The upload did not arrive within {config.upload_read_timeout_s:g} s.") from None
+        raise UploadTimeout(f"The upload did not arrive within {config.upload_read_timeout_s:g} s.") from None
     except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "The upload was interrupted.") from None
-    raise ApiError(415, "unsupported_media_type",
-                   "Send the photo as multipart/form-data in a field named 'file', or as the raw request body "
-                   "with an image/* content type.")
+        raise UploadInterrupted("The upload was interrupted.") from None
+    raise UnsupportedMediaType("Send the photo as multipart/form-data in a field named 'file', or as the raw request "
+                               "body with an image/* content type.")
 
 
 async def _form_file(request: Request, limit: int) -> bytes:
@@ -106,11 +217,11 @@ async def _form_file(request: Request, limit: int) -> bytes:
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise ApiError(400, "bad_multipart", f"The form could not be read: {e.message}") from None
+        raise BadMultipart(f"The form could not be read: {e.message}") from None
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise ApiError(400, "missing_file", "The form has no file in a field named 'file'.")
+            raise MissingFile("The form has no file in a field named 'file'.")
         return await upload.read()
     finally:
         await form.close()
@@ -121,7 +232,7 @@ def _top_k(request: Request, default: int) -> int:
     if raw is None:
         return default
     if not raw.isdigit() or not 1 <= int(raw) <= 100:
-        raise ApiError(400, "bad_top_k", "top_k must be a whole number from 1 to 100.")
+        raise BadTopK("top_k must be a whole number from 1 to 100.")
     return int(raw)
 
 
@@ -129,11 +240,7 @@ def answer_body(request_id: str, result: Classified, total_ms: float) -> dict[st
     return {
         "request_id": request_id,
         "model": {"name": result.model_name, "version": result.model_version},
-        "is_waterbird": result.answer.is_waterbird,
-        "waterbird_score": result.answer.waterbird_score,
-        "species_known": result.answer.species_known,
-        "species_confidence": result.answer.species_confidence,
-        "predictions": [{"label": p.label, "score": p.score} for p in result.answer.predictions],
+        **result.answer,
         "timing_ms": {"preprocess": round(result.preprocess_ms, 2), "inference": round(result.inference_ms, 2),
                       "total": round(total_ms, 2)},
     }
@@ -162,7 +269,7 @@ def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
 
         async def send_observed(message: Message) -> None:
             if message["type"] == "http.response.start":
-                metrics.request(route, message["status"])
+                metrics.requests.inc(tags={"route": route, "outcome": outcome_of(message["status"])})
             await send(message)
 
         await app(scope, receive, send_observed)
@@ -174,72 +281,40 @@ ARRIVED = "waterbirds.arrived"  # scope key: time.monotonic() when an upload rea
 CLIENT = "waterbirds.client"  # scope key: the client's address (serve_app.client_identity)
 
 
-def admitted(app: ASGIApp, admission: Admission, identity: ClientIdentity) -> ASGIApp:
-    """Admission of uploads, outside everything else: a refusal is answered from here with a body made once, before
-    the upload is read and without Starlette's routing, so that refusing costs little even when thousands of
-    clients retry at once. Refusals are logged once a second in one line, not one line each."""
-    refusals = RefusalLog()
+def admitted(app: ASGIApp, pipeline: Pipeline) -> ASGIApp:
+    """Admission of uploads, outside everything else: a refusal is answered from here, before the upload is read
+    and without Starlette's routing, with a body made once per status and Retry-After, so that refusing costs little
+    even when thousands of clients retry at once."""
+    bodies: dict[tuple[int, int], tuple[ErrorAnswer, bytes]] = {}
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/classify" or scope["method"] != "POST":
             await app(scope, receive, send)
             return
         scope[ARRIVED] = time.monotonic()  # the request's deadline counts from here, the wait at the door included
-        client = scope[CLIENT] = identity.client_of(scope)
+        client = scope[CLIENT] = pipeline.client_of(scope)
         try:
-            await admission.enter(client)
-        except Overloaded as e:
-            refusals.refused(e, admission)
-            await _send_refusal(send, e)
+            await pipeline.admit(client)
+        except Overloaded as refused:
+            key = (refused.status, refused.retry_after_s)
+            if key not in bodies:
+                error = error_answer(refused)
+                bodies[key] = (error, error.body)
+            error, body = bodies[key]
+            await send({"type": "http.response.start", "status": error.status,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()),
+                                    *((k.lower().encode(), v.encode()) for k, v in error.headers.items())]})
+            await send({"type": "http.response.body", "body": body})
             return
         answered = False
         try:
             await app(scope, receive, send)
             answered = True
         finally:
-            admission.release(client, answered=answered)
+            pipeline.release(client, answered=answered)
 
     return wrapper
-
-
-_REFUSAL_BODIES: dict[tuple[int, int], bytes] = {}
-
-
-async def _send_refusal(send: Send, refused: Overloaded) -> None:
-    key = (refused.status, refused.retry_after_s)
-    body = _REFUSAL_BODIES.get(key)
-    if body is None:
-        error = refusal(refused)
-        body = _REFUSAL_BODIES[key] = json.dumps({"error": {"code": error.code, "message": error.message}},
-                                                 separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": refused.status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(refused.retry_after_s).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class RefusalLog:
-    """One line a second at most, saying how many uploads were refused and why, instead of a line per refusal. The
-    count of a storm's last second is written with the next refusal; every refusal is counted in the metrics."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.count = 0
-        self.over_share = 0
-        self.since = time.monotonic()
-
-    def refused(self, error: Overloaded, admission: Admission) -> None:
-        self.count += 1
-        self.over_share += error.status == 429
-        now = time.monotonic()
-        if now - self.since >= self.interval_s:
-            log.info("refused %d uploads in %.1f s, %d of them 429 (last: %s; %d held by %d clients, %d at the "
-                     "door, Retry-After %d s)", self.count, now - self.since, self.over_share, error, admission.held,
-                     admission.clients, admission.waiting, error.retry_after_s,
-                     extra={"access": {"route": "/classify", "status": error.status,
-                                       "error_code": refusal(error).code, "refused": self.count,
-                                       "refused_429": self.over_share}})
-            self.count, self.over_share, self.since = 0, 0, now
 
 
 def access_log(request_id: str, client: str, status: int, total_ms: float, result: Classified | None,
@@ -248,10 +323,10 @@ def access_log(request_id: str, client: str, status: int, total_ms: float, resul
     fields: dict[str, object] = {"route": "/classify", "client": client, "status": status,
                                  "latency_ms": round(total_ms, 2)}
     if result is not None:
+        top = result.answer["predictions"][0]  # type: ignore[index]
         fields.update(preprocess_ms=round(result.preprocess_ms, 2), inference_ms=round(result.inference_ms, 2),
-                      batch_size=result.batch_size, species=result.answer.predictions[0].label,
-                      score=result.answer.predictions[0].score, is_waterbird=result.answer.is_waterbird,
-                      model_version=result.model_version)
+                      batch_size=result.batch_size, species=top["label"], score=top["score"],
+                      is_waterbird=result.answer["is_waterbird"], model_version=result.model_version)
     if code:
         fields["error_code"] = code
     log.info("classify %s %d %.1f ms", request_id, status, total_ms, extra={"access": fields})
@@ -260,6 +335,21 @@ def access_log(request_id: str, client: str, status: int, total_ms: float, resul
 def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) -> ASGIApp:
     web = WebApp()
     openapi = json.dumps(OPENAPI).encode()
+
+    def failed(path: str, exc: BaseException) -> Response:
+        error = error_answer(exc, retry_after_s=pipeline.config.retry_after_s)
+        if error.status >= 500 and error.status != 503:
+            log.error("%s failed (%s): %s: %s", path, error.code, type(exc).__name__, exc)
+        return error.response()
+
+    def answering_errors(route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def answered(request: Request) -> Response:
+            try:
+                return await route(request)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
+                return failed(request.url.path, e)
+
+        return answered
 
     async def index(_request: Request) -> Response:
         return HTMLResponse(web.page, headers={"Cache-Control": REVALIDATE, **ISOLATION})
@@ -270,29 +360,24 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
     async def manifest(_request: Request) -> Response:
         return Response(web.manifest, media_type="application/manifest+json", headers={"Cache-Control": REVALIDATE})
 
+    @answering_errors
     async def asset(request: Request) -> Response:
         found = web.assets.get("assets/{version}/{name}".format(**request.path_params))
         if found is None:
-            return error_response(ApiError(404, "not_found", "No such file: the page may be older than the service; "
-                                                             "reload it."))
+            raise NotFound("No such file: the page may be older than the service; reload it.")
         return Response(found.data, media_type=found.content_type, headers={"Cache-Control": IMMUTABLE, **ISOLATION})
 
+    @answering_errors
     async def offline(_request: Request) -> Response:
-        try:
-            model = await pipeline.phone_model_info() if web.runtime else None
-        except Exception as e:  # noqa: BLE001
-            return error_response(to_api_error(e))
+        model = await pipeline.phone_model_info() if web.runtime else None
         return JSONResponse(web.offline_files(model), headers={"Cache-Control": "no-store"})
 
+    @answering_errors
     async def phone_model(request: Request) -> Response:
         sha256 = request.path_params["sha256"]
-        try:
-            data = await pipeline.phone_model_file(sha256)
-        except Exception as e:  # noqa: BLE001
-            return error_response(to_api_error(e))
+        data = await pipeline.phone_model_file(sha256)
         if data is None:
-            return error_response(ApiError(404, "model_replaced", "The service now offers another model for phones: "
-                                                                  "fetch offline.json again."))
+            raise ModelReplaced("The service now offers another model for phones: fetch offline.json again.")
         return Response(data, media_type="application/octet-stream",
                         headers={"Cache-Control": IMMUTABLE, "ETag": f'"{sha256}"', **ISOLATION})
 
@@ -306,36 +391,36 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
             top_k = _top_k(request, config.default_top_k)
             async with asyncio.timeout(deadline - time.monotonic()):
                 data = await read_upload(request, config)
-                async with pipeline.admission.turn(client):
-                    result = await pipeline.classify(data, top_k, request_id, deadline)
+                result = await pipeline.classify(data, top_k, request_id, deadline, client)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
-            error = to_api_error(e, retry_after_s=config.retry_after_s)
+            error = error_answer(e, retry_after_s=config.retry_after_s)
             if error.status >= 500 and error.status != 503:
                 log.exception("classify failed (%s)", error.code)
             access_log(request_id, client, error.status, (time.perf_counter() - start) * 1000, None, error.code)
-            return error_response(error)
+            return error.response()
         total_ms = (time.perf_counter() - start) * 1000
         access_log(request_id, client, 200, total_ms, result)
         if metrics is not None:
             metrics.latency.observe(total_ms)
-            top = result.answer.predictions[0]
-            metrics.predictions.inc(tags={"species": top.label, "is_waterbird": str(result.answer.is_waterbird)})
+            top = result.answer["predictions"][0]  # type: ignore[index]
+            metrics.predictions.inc(tags={"species": top["label"], "is_waterbird": str(result.answer["is_waterbird"])})
         return JSONResponse(answer_body(request_id, result, total_ms))
 
     async def healthz(_request: Request) -> Response:
         report = await pipeline.health()
         return JSONResponse(report, status_code=503 if report["status"] == "unavailable" else 200)
 
+    @answering_errors
     async def labels(_request: Request) -> Response:
-        try:
-            card = await pipeline.model_card(refresh=True)
-        except Exception as e:  # noqa: BLE001
-            return error_response(to_api_error(e))
+        card = await pipeline.model_card(refresh=True)
         return JSONResponse({"model": {"name": card.name, "version": card.version, "device": card.device,
                                        "backend": card.backend}, "labels": list(card.labels)})
 
     async def openapi_json(_request: Request) -> Response:
         return Response(openapi, media_type="application/json")
+
+    async def on_error(request: Request, exc: Exception) -> Response:  # Starlette's own, and what nothing caught
+        return failed(request.url.path, exc)
 
     app = Starlette(
         routes=[
@@ -350,7 +435,7 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
             Route("/assets/{version:str}/{name:str}", asset, methods=["GET"]),
             Route("/model/{sha256:str}.onnx", phone_model, methods=["GET"]),
         ],
-        exception_handlers={HTTPException: handle_http_exception, Exception: handle_unexpected},
+        exception_handlers={HTTPException: on_error, Exception: on_error},
     )
-    guarded = admitted(app, pipeline.admission, pipeline.identity)
+    guarded = admitted(app, pipeline)
     return observed(guarded, metrics) if metrics is not None else guarded

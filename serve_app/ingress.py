@@ -1,7 +1,8 @@
-"""The ingress deployment: the HTTP app's pipeline. Uploads in flight are gathered into batches; each batch's
-bytes go to a Preprocessor in one call, its pixels from there to a Classifier in one call (through Ray's object
-store, the ingress handing on a reference, or through the ingress), and the answers come back as arrays from which
-the ingress makes each request's.
+"""The ingress deployment: the pipeline behind the HTTP face (`serve_app.http`). It admits uploads (fairly among
+clients, `serve_app.admission`), gathers those in flight into batches, sends each batch's bytes to a Preprocessor
+in one call and its pixels from there to a Classifier in one call (through Ray's object store, the ingress handing
+on a reference, or through the ingress), and hands each upload's answer back; it sends an upload again where a
+replica was lost under it, or where a swap to a model of another input size landed while it was decoded.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from bcnn.allocator import keep_freed_memory
 from bcnn.images import ImageError
 from deployments.config import IngressConfig
-from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, ScoredBatch
+from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, PreparedForAnotherModel
 from deployments.metrics import IngressMetrics
-from serve_app.admission import Admission, Limits, Overloaded
+from serve_app.admission import Admission, Limits, Overloaded, RefusalLog
 from serve_app.client_identity import ClientIdentity, haproxy_appends_forwarded_for, parse_networks
 from serve_app.http import build_http_app
 
@@ -62,6 +63,7 @@ class Ingress:
         self.config = IngressConfig()
         self.admission = Admission(admission_limits(self.config))
         self.identity = ClientIdentity()
+        self._refusals = RefusalLog()
         # Serve's proxies run on the cluster's nodes; HAProxy's word is taken only if it appends X-Forwarded-For.
         self._nodes_are_proxies = haproxy_appends_forwarded_for()
         if not self._nodes_are_proxies:
@@ -122,28 +124,42 @@ class Ingress:
             self._phone_file = (sha256, data)
         return data
 
-    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float) -> Classified:
-        upload = _Upload(data, top_k, request_id, deadline)
-        try:
-            outcome = await self._classified(upload)
-        except Exception as e:
-            if not replica_lost(e):
-                raise
-            # A replica died mid-request (a crash, a node gone): the bytes are still here, so try once more;
-            # Serve routes around the dead replica.
-            log.warning("replica lost (%s); retrying once", type(e).__name__)
-            outcome = await self._classified(upload)
-        await self.model_card(seen_version=outcome.model_version)  # refreshes the cached card after a swap
-        if outcome.resized:
-            # Decoded with the card of the model before a swap to another input size, and resized to fit: decode
-            # it again for the model that answers, so that even the first answer after a swap is exact.
-            outcome = await self._classified(upload)
-        return outcome
+    def client_of(self, scope: Scope) -> str:
+        return self.identity.client_of(scope)
 
-    async def _classified(self, upload: _Upload) -> Classified:
-        outcome = await self._pipeline(upload)
+    async def admit(self, client: str) -> None:
+        try:
+            await self.admission.enter(client)
+        except Overloaded as e:
+            self._refusals.refused(e, self.admission)
+            raise
+
+    def release(self, client: str, *, answered: bool) -> None:
+        self.admission.release(client, answered=answered)
+
+    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float, client: str) -> Classified:
+        """An admitted upload's answer, once it has had its turn into the pipeline (`Admission.turn`)."""
+        upload = _Upload(data, top_k, request_id, deadline)
+        async with self.admission.turn(client):
+            try:
+                outcome = await self._pipeline(upload)
+            except Exception as e:
+                if not replica_lost(e):
+                    raise
+                # A replica died mid-request (a crash, a node gone): the bytes are still here, so try once more;
+                # Serve routes around the dead replica.
+                log.warning("replica lost (%s); retrying once", type(e).__name__)
+                outcome = await self._pipeline(upload)
+            for _ in range(2):  # a second swap could land during the first resend, hardly a third
+                if not isinstance(outcome, PreparedForAnotherModel):
+                    break
+                await self.model_card(refresh=True)
+                outcome = await self._pipeline(upload)
         if isinstance(outcome, ImageError | Overloaded):
             raise outcome
+        if isinstance(outcome, PreparedForAnotherModel):
+            raise Overloaded("the model is being swapped", self.admission.retry_after_s())
+        await self.model_card(seen_version=outcome.model_version)  # a swap to the same input size shows here
         return outcome
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
@@ -172,7 +188,7 @@ class Ingress:
     async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard) -> list[Outcome]:
         preprocessor, classifier = self._stages[self.config.pixels_by_reference]
         prepared = preprocessor.remote([u.data for u in uploads], card.preprocess, tuple(u.request_id for u in uploads))
-        return outcomes(uploads, await classifier.remote(prepared, max(u.top_k for u in uploads)))
+        return await classifier.remote(prepared, tuple(u.top_k for u in uploads))
 
     async def health(self) -> dict[str, object]:
         """Each stage answers (one replica of each is asked), plus Serve's view of every deployment, so that a
@@ -234,21 +250,6 @@ def replica_lost(error: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
-
-
-def outcomes(uploads: list[_Upload], scored: ScoredBatch) -> list[Outcome]:
-    """Each upload's answer, or the error it was refused with, in upload order."""
-    rows = ((s, row) for s in scored.scores for row in range(len(s.ranked)))
-    preprocess_ms = iter(scored.preprocess_ms)
-    answered: list[Outcome] = []
-    for position, upload in enumerate(uploads):
-        if position in scored.rejected:
-            answered.append(scored.rejected[position])
-            continue
-        s, row = next(rows)
-        answered.append(Classified(s.ranked.answer(row, s.labels, upload.top_k), s.model_name, s.model_version,
-                                   next(preprocess_ms), s.inference_ms, s.batch_size, s.resized))
-    return answered
 
 
 def split_by_bytes(uploads: list[_Upload], *, pixel_bytes: int, budget: int) -> list[list[_Upload]]:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from bcnn.answers import Ranked
 from bcnn.backends import Backend, InFlight
 from bcnn.predict import Predictor
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice
@@ -70,13 +69,13 @@ def classifier(checkpoint: Path) -> Iterator[tuple[Classifier, asyncio.Runner]]:
         yield replica, runner
 
 
-async def _batch(replica: Classifier, n: int) -> Ranked:
+async def _batch(replica: Classifier, n: int) -> list[dict[str, object]]:
     assert replica.predictor is not None
-    launched = await replica._inference.run(replica._launch, replica.predictor, [_pixels(n)], 3)
+    launched = await replica._inference.run(replica._launch, replica.predictor, [_pixels(n)], (3,) * n)
     return await asyncio.wrap_future(launched)
 
 
-def _classify(replica: Classifier, runner: asyncio.Runner, n: int = 2) -> Ranked:
+def _classify(replica: Classifier, runner: asyncio.Runner, n: int = 2) -> list[dict[str, object]]:
     return runner.run(_batch(replica, n))
 
 

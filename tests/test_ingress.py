@@ -30,33 +30,6 @@ def test_a_batch_within_budget_is_one_call() -> None:
     assert split_by_bytes(uploads, pixel_bytes=3 * 448 * 448, budget=2**30) == [uploads]
 
 
-def test_outcomes_put_answers_and_refusals_back_in_upload_order() -> None:
-    import numpy as np
-
-    from bcnn.answers import Ranked
-    from bcnn.images import InvalidImage
-    from deployments.messages import ScoredBatch, Scores
-    from serve_app.ingress import outcomes
-
-    def scores(rows: list[list[int]], version: str) -> Scores:
-        indices = np.array(rows)
-        ranked = Ranked(indices, np.full(indices.shape, 0.5, np.float32), np.full(len(rows), 0.9, np.float32),
-                        np.ones(len(rows), bool), np.ones(len(rows), bool), np.full(len(rows), 0.7, np.float32))
-        return Scores(ranked, ("heron", "stork", "crane"), "m", version, 3.0, len(rows))
-
-    uploads = [_Upload(b"x", k, f"r{i}") for i, k in enumerate((1, 2, 3, 2))]
-    refused = InvalidImage("truncated")
-    # Two forward passes (a swap landed between them): the usable uploads 0, 2 and 3 in order.
-    scored = ScoredBatch([scores([[2, 0, 1]], "v1"), scores([[1, 2, 0], [0, 1, 2]], "v2")], (1.0, 2.0, 3.0),
-                         {1: refused})
-    answers = outcomes(uploads, scored)
-    assert answers[1] is refused
-    assert [[p.label for p in a.answer.predictions] for a in (answers[0], answers[2], answers[3])] == [
-        ["crane"], ["stork", "crane", "heron"], ["heron", "stork"]]
-    assert [(a.model_version, a.preprocess_ms) for a in (answers[0], answers[2], answers[3])] == [
-        ("v1", 1.0), ("v2", 2.0), ("v2", 3.0)]
-
-
 def test_a_stage_lost_upstream_counts_as_a_replica_lost() -> None:
     """Serve's router raises this when the Preprocessor whose pixels a Classifier call waits for has died."""
     upstream = RayServeException("Request to deployment 'Classifier' failed because an upstream actor died")

@@ -263,11 +263,11 @@ def test_a_busy_service_is_answered_for_on_the_phone_until_its_own_answer_comes(
     """The first upload is refused with the service's own 503 (Retry-After: 2): the phone answers meanwhile, and
     the service's answer to the retry replaces the phone's."""
     from serve_app.admission import Overloaded
-    from serve_app.errors import refusal
+    from serve_app.http import error_answer
 
     page = phone
     _save(page)
-    refused = refusal(Overloaded("test", 2))
+    refused = error_answer(Overloaded("test", 2))
     body = json.dumps({"error": {"code": refused.code, "message": refused.message}})
     sent: list[str] = []
 

@@ -136,9 +136,9 @@ def test_a_busy_service_is_waited_for_and_retried(page, service: Service, mapped
     import json
 
     from serve_app.admission import Overloaded, OverShare
-    from serve_app.errors import refusal
+    from serve_app.http import error_answer
 
-    refused = refusal((OverShare if status == 429 else Overloaded)("test", 2))
+    refused = error_answer((OverShare if status == 429 else Overloaded)("test", 2))
     body = json.dumps({"error": {"code": refused.code, "message": refused.message}})
     sent: list[str] = []
 
