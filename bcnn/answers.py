@@ -4,7 +4,7 @@ the HTTP face reads them without loading torch. `bcnn.predict` makes them from l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,8 +36,11 @@ class Answer:
     predictions: tuple[Prediction, ...]
 
     def to_dict(self) -> dict[str, object]:
-        """The answer as the service sends it: JSON-ready, each prediction its label and score."""
-        return {**asdict(self), "predictions": [{"label": p.label, "score": p.score} for p in self.predictions]}
+        """The answer as the service sends it: JSON-ready, each prediction its label and score. (Written out: the
+        Classifier makes one per image, and `dataclasses.asdict` copied every field first.)"""
+        return {"is_waterbird": self.is_waterbird, "waterbird_score": self.waterbird_score,
+                "species_known": self.species_known, "species_confidence": self.species_confidence,
+                "predictions": [{"label": p.label, "score": p.score} for p in self.predictions]}
 
 
 @dataclass(frozen=True)

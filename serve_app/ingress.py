@@ -38,6 +38,8 @@ _REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
 CONCURRENT_BATCHES = 4
 # An upload is sent on only if its deadline leaves this many times the recent time a batch took.
 DEADLINE_MARGIN = 2.0
+# Sends of an upload again, decoded each time for the model the Classifiers serve now, before it is refused (503).
+RESENDS_DURING_A_SWAP = 4
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ class Ingress:
                 # Serve routes around the dead replica.
                 log.warning("replica lost (%s); retrying once", type(e).__name__)
                 outcome = await self._pipeline(upload)
-            for _ in range(2):  # a second swap could land during the first resend, hardly a third
+            # While Classifier replicas swap one by one, a resend can reach one still serving the other model.
+            for _ in range(RESENDS_DURING_A_SWAP):
                 if not isinstance(outcome, PreparedForAnotherModel):
                     break
                 await self.model_card(refresh=True)
