@@ -48,8 +48,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: install
 	$(PY) -m pytest
 
-# The multi-node cluster tests (cluster/local.sh: placement, a GPU node lost, the head lost): three clusters, about
-# six minutes.
+# The tests that bring up Ray clusters of their own for minutes each: the multi-node cluster (cluster/local.sh:
+# placement, a GPU node lost, the head lost), the production file on one GPU, and the GPU run's short form.
 test-long: install
 	$(PY) -m pytest -m long
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.service import ENV, ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.long]
 
 
 def test_the_gpu_run_in_short(tmp_path: Path, photos: list) -> None:  # noqa: ARG001 - needs them

@@ -12,7 +12,7 @@ import pytest
 from tests import images
 from tests.service import load_config, start_service
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.long]
 
 
 def test_production_config_deploys_to_running_on_one_gpu(tmp_path: Path) -> None:
