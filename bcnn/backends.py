@@ -32,7 +32,6 @@ from bcnn.weights import Weights
 log = logging.getLogger(__name__)
 
 
-
 class InFlight(Protocol):
     def wait(self) -> Tensor:
         """Blocks, holding no GIL, until the batch's float32 logits [N, C] are on the host."""

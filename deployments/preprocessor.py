@@ -1,4 +1,4 @@
-"""CPU replicas that turn batches of upload bytes into uint8 pixels with `bcnn.load_image`."""
+"""CPU replicas that turn batches of upload bytes into uint8 pixels with `bcnn.preprocess.load_image`."""
 
 from __future__ import annotations
 
