@@ -84,7 +84,7 @@ def lite0_imagenet_state(prefix: str = "network.", *, include_head: bool = True)
 
 DEFAULT_SPECIES_RULE = SpeciesRule(
     threshold=8.0, slope=0.938194, intercept=-10.671886,
-    fitted_on="the 243 shared waterbird photos, 10 of species it knows (bcnn evaluate, 2026-12-02)")
+    fitted_on="the 243 shared waterbird photos, 10 of species it knows (bcnn evaluate; docs/model.md)")
 """Measured (docs/model.md, "Species the model does not know"): of the 233 shared photos of species ImageNet has no
 class for, 75% get no species name at 8.0 (51% 'a waterbird, species unknown', 24% 'not a waterbird'), and all 10
 of species it knows keep theirs, the lowest at 8.41; the confidence is Platt-scaled on the 187 waterbird answers."""
