@@ -104,6 +104,7 @@ def test_hostile_and_odd_inputs_at_448(service448: Service) -> None:
         assert _post(service448, data, content_type).status_code == 200, name
 
 
+@pytest.mark.long  # two minutes of autoscaling on two cores: `make test-long`
 def test_preprocessors_scale_out_under_load_and_back_after_it(service448: Service, vgg448: Path,
                                                               photos: list[Photo]) -> None:
     """The production file's autoscaling, with the classifier at a GPU's speed: more Preprocessor replicas under

@@ -4,7 +4,6 @@ and waiting for one leaves the GIL to the host's other threads."""
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bcnn.backends import Computed
 from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
 
 TIMING = DeviceTiming(fixed_ms=20.0, per_image_ms=10.0, time_scale=2.0)
@@ -55,37 +53,48 @@ def test_a_batch_is_staged_and_its_pass_takes_the_modelled_time() -> None:
     assert (buffer[:3] == 1).all() and (buffer[3:5] == 2).all()
 
 
-def _count_while(wait: Callable[[], object]) -> int:
-    """Iterations of a pure-Python loop on another thread while `wait()` runs on this one."""
-    counted = 0
-    stop = threading.Event()
+def _cpu_while(wait: Callable[[], object]) -> tuple[float, float, float]:
+    """(wall, this thread's CPU, a busy thread's CPU) in seconds while `wait()` runs on this thread and a pure-Python
+    loop runs on another. CPU time per thread, not a count of iterations: the host's other processes change how
+    fast the loop runs, not which thread holds the GIL."""
+    stop, started = threading.Event(), threading.Event()
+    busy_cpu = 0.0
 
-    def count() -> None:
-        nonlocal counted
+    def busy() -> None:
+        nonlocal busy_cpu
+        started.set()
+        begun = time.thread_time()
         while not stop.is_set():
-            counted += 1
+            pass
+        busy_cpu = time.thread_time() - begun
 
-    counter = threading.Thread(target=count)
-    counter.start()
+    other = threading.Thread(target=busy)
+    other.start()
+    started.wait()
+    wall, cpu = time.monotonic(), time.thread_time()
     wait()
+    wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
     stop.set()
-    counter.join()
-    return counted
+    other.join()
+    return wall, cpu, busy_cpu
 
 
 def test_waiting_for_the_device_leaves_the_gil_to_other_threads() -> None:
     device = SimulatedDevice(classes=2, side=4, timing=DeviceTiming(fixed_ms=300.0, per_image_ms=0.0))
-    ratios = []
-    # Pairs side by side, and their median: this shared host's speed swings by 2x within seconds.
-    for _ in range(5):
-        alone = _count_while(lambda: time.sleep(0.3))
-        while_waiting = _count_while(device.launch([np.zeros((1, 4, 4, 3), dtype=np.uint8)]).wait)
-        ratios.append(while_waiting / alone)
-    # A wait that held the GIL (a spin) would leave the other thread about half of its time (the GIL's switch
-    # interval shared between the two); one that does not, all of it.
-    assert statistics.median(ratios) > 0.75, ratios
+    wall, waiting_cpu, busy_cpu = _cpu_while(device.launch([np.zeros((1, 4, 4, 3), dtype=np.uint8)]).wait)
+    assert wall >= 0.25  # launched just before the clock started
+    # A spin would burn the waiting thread's CPU (about half the wait, sharing the GIL); a wait that blocked with
+    # the GIL held would leave the busy thread no more than one switch interval (5 ms) of it.
+    assert waiting_cpu < 0.1 * wall, (wall, waiting_cpu)
+    assert busy_cpu > 0.25 * wall, (wall, busy_cpu)
 
 
-def test_cpu_backends_compute_at_launch() -> None:
-    logits = torch.arange(6.0).reshape(2, 3)
-    assert Computed(logits).wait() is logits
+def test_a_spinning_wait_is_told_apart() -> None:
+    """The check above can fail: a wait that spins in Python is caught by it."""
+    def spin() -> None:
+        until = time.monotonic() + 0.3
+        while time.monotonic() < until:
+            pass
+
+    wall, waiting_cpu, _ = _cpu_while(spin)
+    assert waiting_cpu >= 0.1 * wall, (wall, waiting_cpu)
