@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from bcnn.backend_names import BackendName
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
-from bcnn.weights import get_weights
 
 
 def peak_rss_mb() -> float:

@@ -18,23 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bcnn.images import Preprocess
-from bcnn.models import default_preprocess
+from bcnn.images import Preprocess, default_preprocess
 from bcnn.species import SpeciesRule
-from bcnn.weights import Weights
+from bcnn.weights import ARCHS, CheckpointError, Weights
 
 FORMAT = "waterbirds-bcnn"
 FORMAT_VERSION = 1
-ARCHS = ("efficientnet_lite0", "bcnn_vgg16", "bcnn_efficientnet_lite0")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what does not match."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = str(path)
-        self.problem = problem
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, arch: str, categories: tuple[str, ...],

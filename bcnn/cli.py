@@ -17,9 +17,9 @@ from bcnn.images import DEFAULT_MAX_PIXELS, ImageError
 def _predict(args: argparse.Namespace) -> int:
     import torch
 
+    from bcnn.models import get_weights
     from bcnn.predict import Predictor
     from bcnn.preprocess import preprocess_image
-    from bcnn.weights import get_weights
 
     torch.set_num_threads(args.threads)
     weights = get_weights(args.checkpoint, classes_file=args.classes)
@@ -108,8 +108,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from bcnn.checkpoint import save_checkpoint
-    from bcnn.models import build_model
-    from bcnn.weights import get_weights
+    from bcnn.models import build_model, get_weights
 
     weights = get_weights(args.checkpoint, classes_file=args.classes)
     meta: dict[str, object] = {"converted_from": weights.source}
@@ -125,9 +124,8 @@ def _export(args: argparse.Namespace) -> int:
     from bcnn import export
     from bcnn.backends import open_session
     from bcnn.data import IMAGE_SUFFIXES
-    from bcnn.models import build_model, prepare_for_inference
+    from bcnn.models import build_model, get_weights, prepare_for_inference
     from bcnn.preprocess import preprocess_image
-    from bcnn.weights import get_weights
 
     weights = get_weights(args.checkpoint, classes_file=args.classes)
     model = prepare_for_inference(build_model(weights))
@@ -166,7 +164,7 @@ def _int_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
-    from bcnn.models import BACKBONES
+    from bcnn.weights import BACKBONES
 
     parser = argparse.ArgumentParser(prog="python -m bcnn", description="Bilinear CNN waterbird recognition")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -253,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from bcnn.checkpoint import CheckpointError
+    from bcnn.weights import CheckpointError
 
     try:
         return int(args.run(args))

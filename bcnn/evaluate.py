@@ -14,11 +14,11 @@ from torch import Tensor
 
 from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.data import Split, load_split
-from bcnn.models import build_model, prepare_for_inference
+from bcnn.models import build_model, get_weights, prepare_for_inference
 from bcnn.predict import pick_device, rank_logits
 from bcnn.species import auroc, fit, platt, reliability, species_score
 from bcnn.train import predict_split
-from bcnn.weights import Weights, get_weights
+from bcnn.weights import Weights
 
 
 def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None = None, split: str = "val",

@@ -90,6 +90,14 @@ class Preprocess:
                    std=tuple(float(v) for v in d["std"]))  # type: ignore[arg-type,union-attr]
 
 
+def default_preprocess(backbone: str) -> Preprocess:
+    """The paper's 448x448 input for VGG-16 (ImageNet mean/std); 224 and TF scaling for the Lite0 backbone."""
+    if backbone == "vgg16":
+        return Preprocess(crop_size=448, resize_size=448, mean=(123.675, 116.28, 103.53),
+                          std=(58.395, 57.12, 57.375))
+    return Preprocess()
+
+
 def _sniff_unsupported(data: bytes) -> str | None:
     for magic, offset, name in _KNOWN_UNSUPPORTED:
         if data[offset:offset + len(magic)] == magic:

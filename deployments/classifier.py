@@ -6,23 +6,22 @@ import asyncio
 import itertools
 import logging
 import os
-import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from ray import serve
 
+from bcnn.backends import Backend
+from bcnn.models import get_weights
 from bcnn.phone import PhoneModel, phone_model
 from bcnn.predict import Predictor
-from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
-from bcnn.weights import Weights, get_weights
-from deployments.config import ClassifierConfig, SimulatedDeviceConfig
+from bcnn.weights import Weights
+from deployments.config import ClassifierConfig
 from deployments.device_watch import DeviceWatch
 from deployments.messages import Classified, ModelCard, Outcome, PreparedBatch, PreparedForAnotherModel
 from deployments.metrics import GAUGE_REFRESH_S, ClassifierMetrics
@@ -34,7 +33,7 @@ log = logging.getLogger("ray.serve")
 # never waits for the host, one being ranked and answered (docs/performance.md, "The Classifier alone").
 BATCHES_IN_FLIGHT = 3
 # A change of any of these builds a new Predictor beside the old one (ONNX Runtime fixes its threads per session).
-_MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads", "simulated_device")
+_MODEL_FIELDS = ("checkpoint", "classes_file", "backend", "threads")
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +54,10 @@ def _count_images(parts: list[_Images]) -> int:
 class Classifier:
     """Holds the model for the replica's life. Uses the GPU Ray assigned it, or the CPU where torch sees none."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend_factory: Callable[[Weights], Backend] | None = None) -> None:
+        """`backend_factory`: builds what runs the forward pass for each model loaded, instead of the backend the
+        configuration names (the benchmarks' devices, load/devices.py)."""
+        self.backend_factory = backend_factory
         self.config: ClassifierConfig | None = None
         self.predictor: Predictor | None = None
         self.load_error: str | None = None
@@ -103,7 +105,7 @@ class Classifier:
         start = time.perf_counter()
         try:
             weights = get_weights(config.checkpoint, classes_file=config.classes_file)
-            backend = simulated_device(weights, config.simulated_device) if config.simulated_device else config.backend
+            backend = self.backend_factory(weights) if self.backend_factory else config.backend
             # Built off the inference thread, which keeps answering with the old model meanwhile; warmed up on it.
             predictor = await asyncio.to_thread(Predictor, weights, threshold=config.waterbird_threshold,
                                                 species_threshold=config.species_threshold, backend=backend,
@@ -192,8 +194,6 @@ class Classifier:
                  max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _classify_batch(self, parts: list[_Images]) -> list[list[Classified | PreparedForAnotherModel]]:
         predictor = self._require_model()  # one model for the whole batch, even if a swap lands meanwhile
-        config = self.config
-        assert config is not None
         side = predictor.weights.preprocess.crop_size
         # Only during a swap to a model of another input size do images arrive decoded for the old one.
         fitting = [p for p in parts if p.pixels.shape[1:3] == (side, side)]
@@ -201,11 +201,8 @@ class Classifier:
         top_ks = tuple(itertools.chain.from_iterable(p.top_ks for p in fitting))
         images = len(top_ks)
         start = time.perf_counter()
-        if not fitting:
-            answers: list[dict[str, object]] = []
-        elif config.skip_forward:
-            answers = _answers(predictor, torch.zeros(images, len(predictor.weights.categories)), top_ks)
-        else:
+        answers: list[dict[str, object]] = []
+        if fitting:
             answers = await asyncio.wrap_future(await self._inference.run(self._launch, predictor, pixels, top_ks))
         inference_ms = (time.perf_counter() - start) * 1000
         if fitting:
@@ -250,19 +247,6 @@ class Classifier:
         if self.predictor is None:
             raise RuntimeError(self.load_error or "the model is not loaded")
         self.device_watch.check()
-
-
-def simulated_device(weights: Weights, config: SimulatedDeviceConfig) -> SimulatedDevice:
-    """A simulated GPU whose timeline every replica given the same GPU of the same node shares (Ray's fractional
-    GPUs); a replica given no GPU has one of its own."""
-    gpus = ray.get_gpu_ids()
-    timeline = Timeline()
-    if gpus:
-        node = ray.get_runtime_context().get_node_id()
-        timeline = Timeline(Path(tempfile.gettempdir()) / "waterbirds-simulated-device" /
-                            f"{node}-gpu{'-'.join(map(str, gpus))}")
-    timing = DeviceTiming(config.fixed_ms, config.per_image_ms, config.time_scale)
-    return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, timing, timeline)
 
 
 def _answers(predictor: Predictor, logits: torch.Tensor, top_ks: tuple[int, ...]) -> list[dict[str, object]]:

@@ -19,15 +19,6 @@ class PreprocessorConfig(_Strict):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest image decoded (width x height)")
 
 
-class SimulatedDeviceConfig(_Strict):
-    """A stand-in for the GPU (`bcnn.simulated_device`): the batch is staged as for a GPU, the forward pass is a
-    wait of (fixed_ms + per_image_ms x images) x time_scale. Defaults: one H200 running the VGG16-BCNN at 448."""
-
-    fixed_ms: float = Field(1.6, ge=0)
-    per_image_ms: float = Field(0.55, ge=0)
-    time_scale: float = Field(1.0, gt=0, description="a device this many times slower, which a small CPU can feed")
-
-
 class ClassifierConfig(_Strict):
     checkpoint: str = Field("default", description="'default' (embedded Lite0), a registry name, or a file path")
     classes_file: str | None = Field(None, description="class list for a 2019 service checkpoint")
@@ -44,9 +35,6 @@ class ClassifierConfig(_Strict):
     backend: BackendName = Field("auto", description="where the forward pass runs: auto is ONNX Runtime on the CPU, "
                                  "torch on CUDA")
     threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")
-    skip_forward: bool = Field(False, description="bench only: answer without running the model")
-    simulated_device: SimulatedDeviceConfig | None = Field(None, description="bench and tests only: a simulated "
-                                                           "GPU instead of the model's forward pass")
 
 
 class IngressConfig(_Strict):

@@ -43,8 +43,8 @@ def in_subprocess(fn: Callable[..., Any], *args: Any) -> Any:
 
 def model_rates(checkpoint: str, batch_sizes: tuple[int, ...], seconds: float) -> dict[str, float]:
     """Images per second of the serving backend (`Predictor`) per batch size; run it `in_subprocess`."""
+    from bcnn.models import get_weights
     from bcnn.predict import Predictor
-    from bcnn.weights import get_weights
 
     predictor = Predictor(get_weights(checkpoint))
     return _rates(predictor.logits, predictor.weights.preprocess.crop_size, batch_sizes, seconds)
@@ -180,7 +180,7 @@ def variant_rates(checkpoint: str, variant: str, batch_sizes: tuple[int, ...], s
     import torch
 
     from bcnn.export import verify
-    from bcnn.weights import get_weights
+    from bcnn.models import get_weights
 
     if variant in _NEEDS_CUDA and not torch.cuda.is_available():
         return {"skipped": "needs a CUDA GPU"}

@@ -36,6 +36,7 @@ import httpx
 import yaml
 
 from load import classifier_profile, fairness, harness, overload, serving_cost
+from load.devices import on_device
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -133,7 +134,7 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
         print("backends through the service (torch, then auto, twice):", flush=True)
         backends = _backends_through_service(url, uploads, config, env, users=64, seconds=seconds)
 
-        harness.deployment(config, "Classifier")["user_config"]["skip_forward"] = True
+        config = on_device(config)
         harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
         print("serving ceiling (classifier skips the forward pass):", flush=True)
         ceiling = {str(u): harness.load_point(url, uploads, u, seconds) for u in (1, 64)}

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from bcnn.checkpoint import save_checkpoint
-from bcnn.models import bcnn, default_preprocess
+from bcnn.images import default_preprocess
+from bcnn.models import bcnn
 
 
 def random_bcnn_checkpoint(path: str | Path, *, backbone: str = "vgg16", num_classes: int = 200,

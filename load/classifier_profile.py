@@ -2,7 +2,7 @@
 what its device could do.
 
 1. Ray with one GPU: the real one, or, where torch sees none, one logical GPU and the simulated device
-   (`bcnn.simulated_device`, the H200's timing by default, slowed by `--time-scale` so that this machine's CPU can
+   (`load.devices`, the H200's timing by default, slowed by `--time-scale` so that this machine's CPU can
    keep it busy);
 2. the Classifier deployed alone with the production settings of `serve_config.yaml` (one replica per GPU, or
    several sharing it with `--classifiers-per-gpu`), a VGG16-BCNN at 448 with random weights;
@@ -35,6 +35,7 @@ from typing import Any
 from load import harness
 from load.checkpoints import random_bcnn_checkpoint
 from load.cpu_watch import CpuWatch, busy_ms_by_role
+from load.devices import BenchDevice, DeviceTiming
 
 APP = "classifier-profile"
 
@@ -62,8 +63,8 @@ def _batches(photos: Path, checkpoint: str, batch_size: int, count: int) -> list
     """`count` batches of `batch_size` decoded photos, as `PreparedBatch`es."""
     import numpy as np
 
+    from bcnn.models import get_weights
     from bcnn.preprocess import load_image
-    from bcnn.weights import get_weights
     from deployments.messages import PreparedBatch
     from load.loadgen import load_uploads
 
@@ -97,12 +98,10 @@ def _deploy(checkpoint: str, classifiers_per_gpu: int, simulated: dict[str, floa
 
     settings = harness.deployment(harness.production_config(checkpoint, classifiers_per_gpu=classifiers_per_gpu),
                                   "Classifier")
-    user_config = settings["user_config"]
-    if simulated is not None:
-        user_config["simulated_device"] = simulated
     options = {k: settings[k] for k in ("num_replicas", "max_ongoing_requests", "max_queued_requests",
                                         "ray_actor_options")}
-    app = Classifier.options(**options, user_config=user_config).bind()
+    device = BenchDevice(kind="simulated", **simulated) if simulated is not None else None
+    app = Classifier.options(**options, user_config=settings["user_config"]).bind(device)
     return serve.run(app, name=APP, route_prefix=None)
 
 
@@ -143,8 +142,6 @@ async def _measure(handle: Any, refs: list[Any], args: Settings) -> tuple[dict[s
 def _device_seconds(parts: list[tuple[int, int]], timing: dict[str, float]) -> float:
     """The device's busy time for the forward passes seen: each pass of n images takes a + b x n, shared among the
     callers' parts of it by their images."""
-    from bcnn.simulated_device import DeviceTiming
-
     device = DeviceTiming(timing["fixed_ms"], timing["per_image_ms"], timing["time_scale"])
     return sum(images / n * device.seconds(n) for images, n in parts)
 

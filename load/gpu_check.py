@@ -33,8 +33,9 @@ import torch
 
 from bcnn.backends import is_device_failure
 from bcnn.export import LOGIT_TOLERANCE
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
-from bcnn.weights import Weights, get_weights
+from bcnn.weights import Weights
 
 SIZES = (3, 17, 64, 5, 33, 1, 48, 9, 64, 2, 27, 40)
 SHORT_SIZES = (3, 1, 4, 2)

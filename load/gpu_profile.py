@@ -112,8 +112,8 @@ def _decode_rate(uploads: list[Upload], checkpoint: str, seconds: float) -> floa
     """Images per second that one core turns from upload bytes into the model's uint8 input."""
     import torch
 
+    from bcnn.models import get_weights
     from bcnn.preprocess import preprocess_image
-    from bcnn.weights import get_weights
 
     torch.set_num_threads(1)
     preprocess = get_weights(checkpoint).preprocess

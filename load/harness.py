@@ -43,8 +43,11 @@ SEED_PORT = 8001
 
 
 def serve_env(proxy: str = "haproxy") -> dict[str, str]:
-    """This process's environment with the serving settings, HAProxy or Serve's own proxy in front."""
-    return {**os.environ, **SERVE_ENV, "RAY_SERVE_ENABLE_HA_PROXY": "1" if proxy == "haproxy" else "0"}
+    """This process's environment with the serving settings, HAProxy or Serve's own proxy in front, and the
+    repository on the PYTHONPATH, where replicas find `load.devices` (which is not installed)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, **SERVE_ENV, "PYTHONPATH": path,
+            "RAY_SERVE_ENABLE_HA_PROXY": "1" if proxy == "haproxy" else "0"}
 
 
 @contextmanager
@@ -63,21 +66,25 @@ def ray_cluster(env: dict[str, str], *, num_cpus: int | None = None, num_gpus: i
 def production_config(checkpoint: str, *, gpus: int = 1, classifiers_per_gpu: int = 1,
                       skip_forward: bool = False) -> dict[str, Any]:
     """serve_config.yaml with HTTP on loopback, the checkpoint, one Classifier replica per GPU (or several sharing
-    each, Ray's fractional GPUs), the forward pass skipped or not."""
+    each, Ray's fractional GPUs), the forward pass skipped (`load.devices`) or not."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["host"] = "127.0.0.1"
     classifier = deployment(config, "Classifier")
     classifier.pop("autoscaling_config", None)
     classifier["num_replicas"] = gpus * classifiers_per_gpu
-    classifier["user_config"].update(checkpoint=checkpoint, skip_forward=skip_forward)
+    classifier["user_config"]["checkpoint"] = checkpoint
     if classifiers_per_gpu > 1:
         classifier["ray_actor_options"]["num_gpus"] = round(1 / classifiers_per_gpu, 3)
+    if skip_forward:
+        from load.devices import on_device
+
+        return on_device(config)
     return config
 
 
 def model_name(checkpoint: str) -> str:
     """The name a service running `checkpoint` answers with: the registry's for a name in it, else the file's stem."""
-    from bcnn.weights import get_weights
+    from bcnn.models import get_weights
 
     return get_weights(checkpoint).name if checkpoint == "default" else Path(checkpoint).stem
 

@@ -18,9 +18,9 @@ def _worker(uploads: list[Upload], seconds: float, threads: int, batch_size: int
             start_at: float, queue: mp.Queue) -> None:  # type: ignore[type-arg]
     import torch
 
+    from bcnn.models import get_weights
     from bcnn.predict import Predictor
     from bcnn.preprocess import preprocess_image
-    from bcnn.weights import get_weights
 
     torch.set_num_threads(threads)
     weights = get_weights("default")

@@ -89,9 +89,9 @@ def quantization(photos: list[Path]) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
+    from bcnn.models import get_weights
     from bcnn.phone import phone_model
     from bcnn.preprocess import load_image
-    from bcnn.weights import get_weights
 
     weights = get_weights("default")
     model = phone_model(weights, max_bytes=2**40, waterbird_threshold=DEFAULT_WATERBIRD_THRESHOLD)

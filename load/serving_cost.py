@@ -2,10 +2,10 @@
 
 A GPU node is CPU-bound in front of its GPU: how many answers it gives per second is set by how much CPU each
 request costs in each process, and by the processes of which a node has only one. Both are measurable on a CPU
-with the forward pass skipped (the Classifier's `skip_forward`, what remains is a GPU's speed):
+with the forward pass skipped (`load.devices`: what remains is what a GPU's speed leaves):
 
 1. start Ray with many logical CPUs and one logical GPU, deploy the production `serve_config.yaml` with a
-   VGG16-BCNN 448 checkpoint (random weights) and `skip_forward`;
+   VGG16-BCNN 448 checkpoint (random weights), the forward pass skipped;
 2. load it with closed-loop users for a warm-up, then read every process's CPU time for a while with no load (its
    idle rate) and for a measured load;
 3. per role (Ingress, Preprocessor, Classifier, Serve's proxy, HAProxy, Serve's controller, the rest of Ray),

@@ -4,6 +4,9 @@ No `from __future__ import annotations` here: Serve reads `build_app`'s annotati
 the YAML's `args` into `AppArgs`, and a string annotation would hand it a plain dict.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
@@ -23,6 +26,12 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> Application:
+    return compose(args)
+
+
+def compose(args: AppArgs, backend_factory: Callable[[Any], Any] | None = None) -> Application:
+    """Ingress -> Preprocessor and Classifier. `backend_factory`: what runs the Classifier's forward pass instead of
+    the model's backend, called with each model's weights (the benchmarks' devices, load/devices.py)."""
     # The model's stages are imported where the application is built, not with this module: everything under
     # serve_app/ loads without torch, as every Ingress replica does.
     from deployments.classifier import Classifier
@@ -30,5 +39,5 @@ def build_app(args: AppArgs) -> Application:
 
     return Ingress.options(user_config=args.ingress.model_dump()).bind(
         Preprocessor.options(user_config=args.preprocessor.model_dump()).bind(),
-        Classifier.options(user_config=args.classifier.model_dump()).bind(),
+        Classifier.options(user_config=args.classifier.model_dump()).bind(backend_factory),
     )

@@ -10,9 +10,9 @@ import time
 import torch
 from starlette.types import Scope
 
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from bcnn.preprocess import load_image
-from bcnn.weights import get_weights
 from deployments.config import IngressConfig
 from deployments.messages import Classified, ModelCard
 from serve_app.admission import Admission, Limits

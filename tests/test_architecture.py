@@ -1,14 +1,17 @@
-"""The layers' import rules: the model library knows nothing of Ray or HTTP, and the HTTP face never loads torch
-(every Ingress replica imports it; torch alone is most of a replica's memory)."""
+"""The layers' import rules (docs/architecture.md): the model library knows nothing of Ray or HTTP, the HTTP face
+never loads torch (every Ingress replica imports it; torch alone is most of a replica's memory), and no module
+imports, however lazily, one that imports it back."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("bcnn", "deployments", "serve_app", "load")
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -40,3 +43,29 @@ def test_nothing_under_serve_app_loads_torch() -> None:
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert loaded.stdout == "[]\n", loaded.stderr[-2000:]
     assert not {m: n for m, n in _imports("serve_app").items() if "torch" in n}
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Our modules and the ones of ours each imports anywhere in its source (a function's import included)."""
+    paths = {".".join(path.relative_to(ROOT).with_suffix("").parts): path
+             for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for module, path in paths.items():
+        named: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                named.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                named.add(node.module)
+                named.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = {name for name in named if name in paths and name != module}
+    return graph
+
+
+def test_no_import_circle() -> None:
+    graph = _module_graph()
+    assert graph["bcnn.weights"] and graph["serve_app.http"]  # the graph sees imports at all
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as e:
+        raise AssertionError(f"an import circle: {' -> '.join(e.args[1])}") from None

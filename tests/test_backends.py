@@ -17,11 +17,11 @@ from bcnn.backends import check_provider, check_session, is_device_failure, open
 from bcnn.checkpoint import save_checkpoint
 from bcnn.cli import main as bcnn_cli
 from bcnn.export import OnnxModelError, content_sha256
+from bcnn.models import get_weights
 from bcnn.predict import Predictor, rank_logits
 from bcnn.preprocess import load_image, preprocess_image
 from bcnn.species import SpeciesRule
 from bcnn.train import TrainConfig, build_for_training
-from bcnn.weights import get_weights
 from load.checkpoints import random_bcnn_checkpoint
 from tests.conftest import Photo
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bcnn.checkpoint import CheckpointError, load_checkpoint, read_classes_file, save_checkpoint
+from bcnn.checkpoint import load_checkpoint, read_classes_file, save_checkpoint
 from bcnn.images import Preprocess
-from bcnn.models import BCNN, bcnn, build_model
-from bcnn.weights import get_weights
+from bcnn.models import BCNN, bcnn, build_model, get_weights
+from bcnn.weights import CheckpointError
 
 SMALL = Preprocess(64, 72)
 

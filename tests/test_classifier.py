@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from bcnn.backends import Backend, InFlight
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
-from bcnn.simulated_device import DeviceTiming, SimulatedDevice
-from bcnn.weights import get_weights
 from deployments.classifier import BATCHES_IN_FLIGHT, Classifier
 from deployments.device_watch import DeviceWatch
 from load.checkpoints import random_bcnn_checkpoint
+from load.devices import DeviceTiming, SimulatedDevice
 
 SIDE = 32
 

@@ -13,10 +13,11 @@ import httpx
 import pytest
 import torch
 
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
-from bcnn.weights import get_weights
 from load.checkpoints import random_bcnn_checkpoint
+from load.devices import on_device
 from load.loadgen import BackgroundLoad, Upload, run_load
 from tests import images
 from tests.conftest import Photo
@@ -33,13 +34,13 @@ def vgg448(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(checkpoint: Path, *, skip_forward: bool) -> dict:
     config = load_config()  # production batching: the Ingress gathers 16 uploads, the Classifier passes 64
-    deployment(config, "Classifier")["user_config"].update(checkpoint=str(checkpoint), skip_forward=skip_forward)
-    return config
+    deployment(config, "Classifier")["user_config"]["checkpoint"] = str(checkpoint)
+    return on_device(config) if skip_forward else config
 
 
 @pytest.fixture(scope="module")
 def service448(service: Service, vgg448: Path) -> Iterator[Service]:
-    """The Classifier skips its forward pass (bench-only setting): a GPU's speed on this CPU, so batches fill."""
+    """The Classifier's forward pass skipped (load.devices): a GPU's speed on this CPU, so batches fill."""
     service.deploy(_config(vgg448, skip_forward=True))
     try:
         yield service

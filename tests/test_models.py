@@ -100,7 +100,7 @@ def test_serving_a_lite0_model_never_imports_torchvision() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, torch; from bcnn.predict import Predictor; from bcnn.weights import get_weights; "
+    code = ("import sys, torch; from bcnn.predict import Predictor; from bcnn.models import get_weights; "
             "p = Predictor(get_weights()); p(torch.zeros(1, 3, 224, 224, dtype=torch.uint8)); "
             "print('torchvision' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

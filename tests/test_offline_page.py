@@ -213,8 +213,7 @@ def test_a_redeploy_replaces_the_saved_model(phone, service: Service, mapped_pho
     """A new model served replaces the one saved on the phone at its next visit online; a model too large for
     phones is answered for offline by the embedded default, and the page says it knows fewer species."""
     from bcnn.checkpoint import save_checkpoint
-    from bcnn.models import build_model
-    from bcnn.weights import get_weights
+    from bcnn.models import build_model, get_weights
 
     page = phone
     _save(page)

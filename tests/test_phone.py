@@ -12,9 +12,8 @@ import pytest
 
 from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.checkpoint import save_checkpoint
-from bcnn.models import build_model
+from bcnn.models import build_model, get_weights
 from bcnn.phone import parameter_bytes, phone_model
-from bcnn.weights import get_weights
 
 
 def _metadata(data: bytes) -> dict[str, str]:

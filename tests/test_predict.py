@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
-from bcnn.weights import WATERBIRD_IMAGENET_CLASSES, get_weights
+from bcnn.weights import WATERBIRD_IMAGENET_CLASSES
 from tests.conftest import Photo
 
 

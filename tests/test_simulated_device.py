@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bcnn.simulated_device import DeviceTiming, SimulatedDevice, Timeline
+from load.devices import DeviceTiming, SimulatedDevice, Timeline
 
 TIMING = DeviceTiming(fixed_ms=20.0, per_image_ms=10.0, time_scale=2.0)
 

@@ -10,8 +10,8 @@ from PIL import Image
 from bcnn.checkpoint import read_checkpoint_file
 from bcnn.data import load_split
 from bcnn.evaluate import evaluate
+from bcnn.models import get_weights
 from bcnn.train import TrainConfig, train
-from bcnn.weights import get_weights
 
 CLASSES = ("horizontal", "vertical", "rings")
 

@@ -12,17 +12,17 @@ import torch
 from flask import Flask, jsonify, request
 
 from bcnn.images import ImageError
+from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
-from bcnn.weights import get_weights
 
 # Like the original, each Gunicorn worker builds its own model when it imports this module. One thread per
 # worker is this design's best case on a small machine (workers, not threads, share the cores).
 torch.set_num_threads(int(os.environ.get("SEED_TORCH_THREADS", "1")))
 weights = get_weights(os.environ.get("SEED_CHECKPOINT", "default"))  # the same model as the service measured
 model = Predictor(weights)
-# Measuring the serving path alone (load/serving_cost.py): answer from zero logits, as the Classifier's
-# `skip_forward` does, so what remains is what a GPU's speed would leave.
+# Measuring the serving path alone (load/serving_cost.py): answer from zero logits, as the service with its
+# forward pass skipped does (load/devices.py), so what remains is what a GPU's speed would leave.
 skip_forward = os.environ.get("SEED_SKIP_FORWARD") == "1"
 
 app = Flask(__name__)
