@@ -85,3 +85,36 @@ def zip_bytes() -> bytes:
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("bird.jpg", jpeg())
     return buf.getvalue()
+
+
+def multipart(files: int) -> tuple[bytes, str]:
+    boundary = "heronheronheron"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b{i}.jpg"\r\n'
+             f"Content-Type: image/jpeg\r\n\r\n".encode() + jpeg(32, 32) + b"\r\n" for i in range(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+VALID_ODD = {  # uploads the service answers, each of a kind that decoders get wrong
+    "gif-3000-frames": (many_frame_gif(3000), "image/gif"),
+    "png-16-bit": (png16(), "image/png"),
+    "cmyk-jpeg": (cmyk_jpeg(), "image/jpeg"),
+    "palette-png-transparent": (palette_png_transparent(), "image/png"),
+    "exif-rotated-jpeg": (exif_rotated_jpeg(), "image/jpeg"),
+    "webp": (encode(gradient(), "WEBP"), "image/webp"),
+    "tiff": (encode(gradient(), "TIFF"), "image/tiff"),
+    "bmp": (encode(gradient(), "BMP"), "image/bmp"),
+}
+
+HOSTILE = {  # uploads refused, with their status
+    "empty": (b"", "image/jpeg", 400),
+    "text": (TEXT, "image/jpeg", 400),
+    "html": (HTML, "image/jpeg", 400),
+    "truncated-jpeg": (truncated_jpeg(), "image/jpeg", 400),
+    "png-50000x50000": (png_declaring(50_000, 50_000), "image/png", 413),
+    "svg": (SVG, "image/svg+xml", 415),
+    "pdf": (PDF, "application/octet-stream", 415),
+    "zip": (zip_bytes(), "application/octet-stream", 400),
+    "wrong-content-type": (jpeg(), "application/json", 415),
+    "ten-files": (*multipart(10), 400),
+    "multipart-without-file": (*multipart(0), 400),
+}

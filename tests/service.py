@@ -22,6 +22,8 @@ from serve_app.run import DASHBOARD_URL, SERVE_ENV, cli, dashboard_headers, ray_
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PORT = 8000
+REDIS_MISSING = "redis-server is not installed (the local cluster's GCS keeps its state there): apt-get install " \
+                "redis-server, as .ci/run does"
 LOGS = Path("/tmp/ray/session_latest/logs/serve")
 # The environment `make serve` runs with, plus request logs written at once so tests can read them, and an ingress
 # replica that stops drains for 5 s instead of Serve's 30 (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S): the 30 s

@@ -20,8 +20,7 @@ import yaml
 from load.loadgen import BackgroundLoad, LoadResult, Upload
 from serve_app.run import cli, ray_running
 from tests.conftest import Photo
-from tests.service import ENV, ROOT, Service
-from tests.test_cluster_local import REDIS_MISSING
+from tests.service import ENV, REDIS_MISSING, ROOT, Service
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.long]
 LOCAL = ROOT / "cluster" / "local.sh"

@@ -20,12 +20,10 @@ import pytest
 from load.loadgen import BackgroundLoad, Upload
 from serve_app.run import ray_running
 from tests.conftest import Photo
-from tests.service import ENV, ROOT, Service
+from tests.service import ENV, REDIS_MISSING, ROOT, Service
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.long]
 LOCAL = ROOT / "cluster" / "local.sh"
-REDIS_MISSING = "redis-server is not installed (the local cluster's GCS keeps its state there): apt-get install " \
-                "redis-server, as .ci/run does"
 
 
 def _local(*args: str) -> None:

@@ -32,50 +32,17 @@ def _still_serving(service: Service) -> None:
     assert response.status_code == 200, response.text
 
 
-def _multipart(files: int) -> tuple[bytes, str]:
-    boundary = "heronheronheron"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="b{i}.jpg"\r\n'
-             f"Content-Type: image/jpeg\r\n\r\n".encode() + images.jpeg(32, 32) + b"\r\n" for i in range(files)]
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-VALID_ODD = {
-    "gif-3000-frames": (images.many_frame_gif(3000), "image/gif"),
-    "png-16-bit": (images.png16(), "image/png"),
-    "cmyk-jpeg": (images.cmyk_jpeg(), "image/jpeg"),
-    "palette-png-transparent": (images.palette_png_transparent(), "image/png"),
-    "exif-rotated-jpeg": (images.exif_rotated_jpeg(), "image/jpeg"),
-    "webp": (images.encode(images.gradient(), "WEBP"), "image/webp"),
-    "tiff": (images.encode(images.gradient(), "TIFF"), "image/tiff"),
-    "bmp": (images.encode(images.gradient(), "BMP"), "image/bmp"),
-}
-
-HOSTILE = {
-    "empty": (b"", "image/jpeg", 400),
-    "text": (images.TEXT, "image/jpeg", 400),
-    "html": (images.HTML, "image/jpeg", 400),
-    "truncated-jpeg": (images.truncated_jpeg(), "image/jpeg", 400),
-    "png-50000x50000": (images.png_declaring(50_000, 50_000), "image/png", 413),
-    "svg": (images.SVG, "image/svg+xml", 415),
-    "pdf": (images.PDF, "application/octet-stream", 415),
-    "zip": (images.zip_bytes(), "application/octet-stream", 400),
-    "wrong-content-type": (images.jpeg(), "application/json", 415),
-    "ten-files": (*_multipart(10), 400),
-    "multipart-without-file": (*_multipart(0), 400),
-}
-
-
-@pytest.mark.parametrize("name", sorted(VALID_ODD))
+@pytest.mark.parametrize("name", sorted(images.VALID_ODD))
 def test_valid_odd_images_are_answered(service: Service, name: str) -> None:
-    data, content_type = VALID_ODD[name]
+    data, content_type = images.VALID_ODD[name]
     response = _post(service, data, content_type)
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == 5
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE))
+@pytest.mark.parametrize("name", sorted(images.HOSTILE))
 def test_hostile_input_gets_its_status_and_the_service_carries_on(service: Service, name: str) -> None:
-    data, content_type, status = HOSTILE[name]
+    data, content_type, status = images.HOSTILE[name]
     response = _post(service, data, content_type)
     assert response.status_code == status, response.text
     error = response.json()["error"]

@@ -22,7 +22,6 @@ from load.loadgen import BackgroundLoad, Upload, run_load
 from tests import images
 from tests.conftest import Photo
 from tests.service import Service, deployment, load_config
-from tests.test_hardening import HOSTILE, VALID_ODD
 
 pytestmark = pytest.mark.slow
 
@@ -97,11 +96,11 @@ def test_pixels_through_the_ingress_in_grpc_messages_fit_too(service448: Service
 
 
 def test_hostile_and_odd_inputs_at_448(service448: Service) -> None:
-    for name, (data, content_type, status) in HOSTILE.items():
+    for name, (data, content_type, status) in images.HOSTILE.items():
         response = _post(service448, data, content_type)
         assert response.status_code == status, (name, response.text)
         assert response.json()["error"]["code"]
-    for name, (data, content_type) in VALID_ODD.items():
+    for name, (data, content_type) in images.VALID_ODD.items():
         assert _post(service448, data, content_type).status_code == 200, name
 
 

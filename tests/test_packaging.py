@@ -59,11 +59,32 @@ def _pins() -> dict[str, Version]:
     return pins
 
 
+def _python_make_picks(tmp_path: Path, versions: dict[str, str]) -> str:
+    """The Python `make` picks on a PATH where each name in `versions` is an interpreter of that version (this one,
+    told so) and no other Python comes before them."""
+    for name in ("python3.11", "python3.12", "python3.13", "python3"):
+        shim = tmp_path / name
+        version = versions.get(name, "2.7")
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.version_info = "
+                        f"({', '.join(version.split('.'))}, 0); exec(sys.argv[1])' \"$2\"\n")
+        shim.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-f", str(ROOT / "Makefile"),
+                          "--eval", "which-python: ; @echo $(PYTHON)", "which-python"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 @pytest.mark.parametrize("python", PYTHONS)
-def test_every_supported_python_is_admitted(python: str) -> None:
+def test_every_supported_python_is_admitted(python: str, tmp_path: Path) -> None:
     assert Version(python) in SpecifierSet(PYPROJECT["requires-python"])
-    makefile = (ROOT / "Makefile").read_text()
-    assert "(3, 11) <= sys.version_info[:2] <= (3, 13)" in makefile and f"python{python}" in makefile
+    assert _python_make_picks(tmp_path, {f"python{python}": python}) == f"python{python}"
+
+
+def test_make_passes_over_a_python_it_does_not_support(tmp_path: Path) -> None:
+    picked = _python_make_picks(tmp_path, {"python3.11": "3.10", "python3.12": "3.14", "python3.13": "3.13"})
+    assert picked == "python3.13"
+    assert _python_make_picks(tmp_path, {"python3": "3.14"}) == ""
 
 
 def test_the_next_python_is_not_claimed_before_it_is_checked() -> None:
