@@ -1,0 +1,63 @@
+"""The typed settings (deployments/config.py, serve_app/app.py): the files we ship validate, and a setting that
+cannot work is refused with its name before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from deployments.config import ClassifierConfig, IngressConfig, PreprocessorConfig
+from serve_app.app import AppArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"Ingress": IngressConfig, "Preprocessor": PreprocessorConfig, "Classifier": ClassifierConfig}
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.local.yaml"])
+def test_every_shipped_setting_validates(name: str) -> None:
+    [app] = yaml.safe_load((ROOT / name).read_text())["applications"]
+    AppArgs(**app.get("args", {}))
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == set(CONFIGS)
+    for deployment, config in CONFIGS.items():
+        config(**deployments[deployment].get("user_config", {}))
+
+
+def test_a_misspelt_setting_is_refused_by_name() -> None:
+    with pytest.raises(pydantic.ValidationError, match="max_batch_sise"):
+        ClassifierConfig(max_batch_sise=64)
+    with pytest.raises(pydantic.ValidationError, match="skip_forward"):
+        ClassifierConfig(skip_forward=True)  # the benchmarks' devices are not settings (load/devices.py)
+
+
+def test_an_upload_admitted_to_wait_must_be_able_to_finish_within_the_request_timeout() -> None:
+    IngressConfig(max_queue_wait_s=20, door_wait_s=2, request_timeout_s=30)
+    with pytest.raises(pydantic.ValidationError, match="shorter than request_timeout_s"):
+        IngressConfig(max_queue_wait_s=28, door_wait_s=2, request_timeout_s=30)
+
+
+def test_trusted_proxies_are_networks() -> None:
+    assert IngressConfig(trusted_proxies=("10.0.0.0/8", "192.168.1.7")).trusted_proxies == ("10.0.0.0/8",
+                                                                                              "192.168.1.7")
+    with pytest.raises(pydantic.ValidationError, match="10.0.0.300"):
+        IngressConfig(trusted_proxies=("10.0.0.300/8",))
+
+
+@pytest.mark.parametrize(("config", "setting"), [
+    (ClassifierConfig, {"waterbird_threshold": 1.5}), (ClassifierConfig, {"max_batch_size": 0}),
+    (ClassifierConfig, {"backend": "tensorflow"}), (IngressConfig, {"max_body_mb": 0}),
+    (IngressConfig, {"default_top_k": 0}), (PreprocessorConfig, {"max_pixels": 0}),
+])
+def test_values_out_of_range_are_refused(config: type[pydantic.BaseModel], setting: dict) -> None:
+    with pytest.raises(pydantic.ValidationError, match=next(iter(setting))):
+        config(**setting)
+
+
+def test_settings_are_frozen() -> None:
+    """A replica's settings change only by `reconfigure` replacing them whole."""
+    config = IngressConfig()
+    with pytest.raises(pydantic.ValidationError):
+        config.max_body_mb = 1  # type: ignore[misc]
