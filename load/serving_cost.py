@@ -14,7 +14,11 @@ with the forward pass skipped (`load.devices`: what remains is what a GPU's spee
 
 and projects the figures onto a node of N cores with one GPU of a given rate (`project`).
 
-    python -m load.serving_cost [--proxy haproxy,serve] [--users 64] [--seconds 30]
+`--box cpu` measures the CPU box instead: `make serve` as it is (serve_config.local.yaml, the embedded default,
+the real forward pass, Ray on this machine's cores) against the 2019 design around the same model and backend
+(`gunicorn -w <cores>`), each alone on the machine in turn: their rates, and where each spends its CPU.
+
+    python -m load.serving_cost [--box gpu|cpu] [--proxy haproxy,serve] [--users 64] [--seconds 30]
 """
 
 from __future__ import annotations
@@ -30,11 +34,23 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 from load.checkpoints import random_bcnn_checkpoint
 from load.cpu_watch import CpuWatch, busy_ms_by_role
-from load.harness import PHOTOS, SERVICE_URL, deploy, production_config, ray_cluster, seed_service, serve_env
+from load.harness import (
+    PHOTOS,
+    ROOT,
+    SERVICE_URL,
+    deploy,
+    model_name,
+    production_config,
+    ray_cluster,
+    seed_service,
+    serve_env,
+)
 from load.loadgen import Upload, load_uploads, run_load
 
 # The roles of which a node runs one process whatever the load: each caps the node at 1000 / its ms per request.
@@ -100,11 +116,22 @@ def project(cost: dict[str, Any], node: Node) -> dict[str, Any]:
             "rps": round(caps[limit])}
 
 
+Box = Literal["gpu", "cpu"]
+
+
 def our_service(proxy: str, checkpoint: str, uploads: list[Upload], *, users: int, seconds: float,
-                warmup_s: float, idle_s: float, logical_cpus: int = 16) -> dict[str, Any]:
+                warmup_s: float, idle_s: float, box: Box = "gpu", logical_cpus: int = 16) -> dict[str, Any]:
+    """The production file with the forward pass skipped on a Ray cluster declaring a GPU node's CPUs and a GPU, or
+    on the CPU box `make serve`'s profile on this machine's cores."""
     env = serve_env(proxy)
-    with ray_cluster(env, num_cpus=logical_cpus, num_gpus=1):
-        deploy(production_config(checkpoint, skip_forward=True), env, uploads[0], model_name=Path(checkpoint).stem)
+    if box == "cpu":
+        config = yaml.safe_load((ROOT / "serve_config.local.yaml").read_text())
+        cluster = ray_cluster(env)
+    else:
+        config = production_config(checkpoint, skip_forward=True)
+        cluster = ray_cluster(env, num_cpus=logical_cpus, num_gpus=1)
+    with cluster:
+        deploy(config, env, uploads[0], model_name=model_name(checkpoint))
         cost = measure(SERVICE_URL + "/classify", uploads, users=users, seconds=seconds, warmup_s=warmup_s,
                        idle_s=idle_s, roles=lambda r: r != "2019 design")
     # Serve's proxy idles beside HAProxy (its fallback), and HAProxy is absent without it.
@@ -113,9 +140,9 @@ def our_service(proxy: str, checkpoint: str, uploads: list[Upload], *, users: in
 
 
 def seed_design(checkpoint: str, uploads: list[Upload], *, users: int, seconds: float, warmup_s: float,
-                idle_s: float, workers: int) -> dict[str, Any]:
-    """The 2019 design with the same model and the forward pass skipped the same way."""
-    with seed_service(checkpoint, workers, uploads[0], skip_forward=True) as url:
+                idle_s: float, workers: int, box: Box = "gpu") -> dict[str, Any]:
+    """The 2019 design with the same model, the forward pass skipped the same way (or, on the CPU box, run)."""
+    with seed_service(checkpoint, workers, uploads[0], skip_forward=box == "gpu") as url:
         cost = measure(url, uploads, users=users, seconds=seconds, warmup_s=warmup_s, idle_s=idle_s,
                        roles=lambda r: r == "2019 design")
     return {"workers": workers, **cost}
@@ -123,24 +150,34 @@ def seed_design(checkpoint: str, uploads: list[Upload], *, users: int, seconds: 
 
 def run(uploads: list[Upload], *, proxies: Iterable[str] = ("haproxy", "serve"), users: int = 64,
         seconds: float = 30.0, warmup_s: float = 30.0, idle_s: float = 10.0, node: Node = Node(),
-        seed_workers: int | None = None, input_size: int = 448, seed: bool = True) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="serving-cost-"))
-    checkpoint = str(random_bcnn_checkpoint(workdir / "vgg16-bcnn.pt", num_classes=200, input_size=input_size))
-    report: dict[str, Any] = {"model": f"VGG16-BCNN {input_size}, 200 classes, random weights, forward skipped",
-                              "users": users, "seconds": seconds, "ours": {}}
+        seed_workers: int | None = None, input_size: int = 448, seed: bool = True,
+        box: Box = "gpu") -> dict[str, Any]:
+    if box == "cpu":
+        checkpoint = "default"
+        report: dict[str, Any] = {"model": "the embedded default (EfficientNet-Lite0 224), the real forward pass, "
+                                           "serve_config.local.yaml", "box": box, "users": users,
+                                  "seconds": seconds, "ours": {}}
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="serving-cost-"))
+        checkpoint = str(random_bcnn_checkpoint(workdir / "vgg16-bcnn.pt", num_classes=200, input_size=input_size))
+        report = {"model": f"VGG16-BCNN {input_size}, 200 classes, random weights, forward skipped", "box": box,
+                  "users": users, "seconds": seconds, "ours": {}}
     for proxy in proxies:
         print(f"serving cost, ours with {proxy}:", flush=True)
         cost = our_service(proxy, checkpoint, uploads, users=users, seconds=seconds, warmup_s=warmup_s,
-                           idle_s=idle_s)
-        cost["projection"] = project(cost, node)
+                           idle_s=idle_s, box=box)
+        if box == "gpu":
+            cost["projection"] = project(cost, node)
         report["ours"][proxy] = cost
         print(format_cost(cost), flush=True)
     if seed:
         print("serving cost, the 2019 design:", flush=True)
         workers = seed_workers or len(os.sched_getaffinity(0))
         report["seed_baseline"] = seed_design(checkpoint, uploads, users=users, seconds=seconds,
-                                              warmup_s=warmup_s, idle_s=idle_s, workers=workers)
+                                              warmup_s=warmup_s, idle_s=idle_s, workers=workers, box=box)
         print(format_cost(report["seed_baseline"]), flush=True)
+        for cost in report["ours"].values():
+            cost["share_of_2019_rate"] = round(cost["throughput_rps"] / report["seed_baseline"]["throughput_rps"], 3)
     return report
 
 
@@ -179,10 +216,13 @@ def table(report: dict[str, Any]) -> str:
         values = [c["ms_per_request"].get(role) for _, c in columns]
         if any(v for v in values):
             lines.append(f"| {label} | {' | '.join('' if v is None else f'{v:.2f}' for v in values)} |")
-    totals = [c["projection"]["serving_ms_per_request"] if "projection" in c else c["ms_per_request"]["2019 design"]
+    totals = [sum(c["ms_per_request"].get(r, 0.0) for r in c.get("request_path", ("2019 design",)))
               for _, c in columns]
     lines.append(f"| **the request's path** | {' | '.join(f'**{t:.2f}**' for t in totals)} |")
     lines.append(f"| answered here, req/s | {' | '.join(str(c['throughput_rps']) for _, c in columns)} |")
+    if "seed_baseline" in report:
+        shares = [f"{c['share_of_2019_rate']:.2f}" if "share_of_2019_rate" in c else "1" for _, c in columns]
+        lines.append(f"| share of the 2019 design's rate | {' | '.join(shares)} |")
     lines.append("")
     for name, cost in columns:
         if "projection" not in cost:
@@ -194,7 +234,7 @@ def table(report: dict[str, Any]) -> str:
                      f"{p['rps'] / SEED_MEASURED_ON_H100_RPS:.2f}x the 2019 design's {SEED_MEASURED_ON_H100_RPS:.0f} "
                      f"req/s measured on that H100 node.")
     if "seed_baseline" in report and "haproxy" in report["ours"]:
-        ours = report["ours"]["haproxy"]["projection"]["serving_ms_per_request"]
+        ours = totals[list(report["ours"]).index("haproxy")]
         seed = report["seed_baseline"]["ms_per_request"]["2019 design"]
         lines.append(f"- The request's path with HAProxy costs {ours:.2f} ms against the 2019 design's {seed:.2f} ms "
                      f"({ours - seed:+.2f} ms).")
@@ -203,6 +243,8 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--box", choices=("gpu", "cpu"), default="gpu",
+                        help="gpu: the production file, forward skipped; cpu: make serve, the real forward pass")
     parser.add_argument("--proxy", default="haproxy,serve", help="haproxy and/or serve")
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -217,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     uploads = [Upload(u.name, u.data) for u in load_uploads(PHOTOS)]
     report = run(uploads, proxies=[p for p in args.proxy.split(",") if p], users=args.users, seconds=args.seconds,
                  warmup_s=args.warmup, idle_s=args.idle, node=Node(args.cores, args.gpu_rate),
-                 input_size=args.input_size, seed=not args.no_seed)
+                 input_size=args.input_size, seed=not args.no_seed, box=args.box)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print("\n" + table(report))
