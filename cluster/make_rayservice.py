@@ -15,17 +15,18 @@ from typing import Any
 
 import yaml
 
+from serve_app.run import SERVE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY_VERSION = "2.60.0"
 IMAGE = "waterbirds:0.1.0"  # built from cluster/Dockerfile and pushed to your registry
 ENV = [
-    {"name": "RAY_AUTH_MODE", "value": "token"},
     {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "waterbirds-ray-token", "key": "token"}}},
-    # Ray's high-throughput settings, on every pod: gRPC between replicas, and HAProxy (C, bundled with ray[serve]
-    # on Linux) in front of the ingress replicas on port 8000 instead of Serve's Python proxy, which capped a
-    # node at about 120 requests/s (docs/performance.md, "Serving cost per request").
-    {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
-    {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+    # The serving settings `make serve` runs with (serve_app/run.py), on every pod: token auth, gRPC between
+    # replicas, and HAProxy (C, bundled with ray[serve] on Linux) in front of the ingress replicas on port 8000
+    # instead of Serve's Python proxy, which capped a node at about 120 requests/s (docs/performance.md, "Serving
+    # cost per request").
+    *({"name": name, "value": value} for name, value in SERVE_ENV.items() if name != "RAY_SERVE_HAPROXY_BINARY_PATH"),
     # ... run through waterbirds-haproxy (the image's console script), which appends each client's address to
     # X-Forwarded-For for fair admission per client (serve_app/haproxy.py). Kubernetes keeps a client's address
     # up to the pod only with `externalTrafficPolicy: Local` on the service, or a load balancer that appends it

@@ -97,23 +97,51 @@ def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
     return next(d for d in deployments(config) if d["name"] == name)
 
 
+def serve_deploy(config: dict[str, Any], env: dict[str, str]) -> None:
+    """`serve deploy` of `config`; returns once the controller has it, before anything runs."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="deploy-") as path:
+        yaml.safe_dump(config, path)
+        path.flush()
+        result = subprocess.run([*cli("serve"), "deploy", path.name], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
+
+
+def application() -> dict[str, Any]:
+    """The application as Serve's controller sees it, from the dashboard's API rather than `serve status`: the CLI
+    is a Python process that takes a second or two of this small machine's CPU from the replicas starting, at
+    every look. Empty until it is deployed."""
+    apps = httpx.get(DASHBOARD_URL + "/api/serve/applications/", headers=dashboard_headers(), timeout=30)
+    return apps.json()["applications"].get("waterbirds", {})
+
+
+def wait_healthy(url: str = SERVICE_URL, timeout_s: float = 240) -> None:
+    """Until the application is RUNNING with every deployment HEALTHY and its /healthz answers 200."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = app = application()
+            if app.get("status") == "RUNNING" and all(d["status"] == "HEALTHY" for d in app["deployments"].values()):
+                if httpx.get(url + "/healthz", timeout=10).status_code == 200:
+                    return
+        except (KeyError, TypeError, ValueError, httpx.HTTPError) as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"the application did not become healthy in {timeout_s:g} s; last status: {last}")
+
+
 def deploy(config: dict[str, Any], env: dict[str, str], upload: Upload, *, model_name: str,
            backend: str | None = None, timeout_s: float = 600) -> str:
     """`serve deploy`, then wait until the application is RUNNING and answers with `model_name` (right after a
     deploy that swaps the model, `serve status` can still show the previous one RUNNING) and, where given, runs on
     `backend`. Returns the backend the Classifiers run."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="deploy-") as path:
-        yaml.safe_dump(config, path)
-        path.flush()
-        subprocess.run([*cli("serve"), "deploy", path.name], env=env, check=True, capture_output=True)
+    serve_deploy(config, env)
     deadline = time.monotonic() + timeout_s
     last: object = None
     while time.monotonic() < deadline:
         try:
-            # The dashboard's API, not `serve status`: the CLI is a Python process that takes a second or two of
-            # this small machine's CPU from the replicas starting, at every look.
-            apps = httpx.get(DASHBOARD_URL + "/api/serve/applications/", headers=dashboard_headers(), timeout=30)
-            last = app = apps.json()["applications"].get("waterbirds", {})
+            last = app = application()
         except (httpx.HTTPError, KeyError, ValueError) as e:
             last, app = e, {}
         if app.get("status") == "RUNNING":

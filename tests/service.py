@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 import httpx
 import yaml
 
+from load import harness
+from load.harness import deployment
 from serve_app.run import DASHBOARD_URL, SERVE_ENV, cli, dashboard_headers, ray_running, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,10 +50,6 @@ def load_config(name: str = "serve_config.yaml", *, min_classifiers: int | None 
     return config
 
 
-def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
-
-
 @dataclass
 class Service:
     url: str
@@ -62,9 +59,7 @@ class Service:
         return httpx.get(DASHBOARD_URL + path, headers=dashboard_headers(), timeout=30)
 
     def deploy(self, config: dict[str, Any], *, wait: bool = True) -> None:
-        path = self.workdir / f"deploy-{time.monotonic_ns()}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        run([*cli("serve"), "deploy", str(path)])
+        harness.serve_deploy(config, ENV)
         if wait:
             self.wait_running()
 
@@ -72,26 +67,11 @@ class Service:
         return yaml.safe_load(run([*cli("serve"), "status"]).stdout)
 
     def wait_running(self, timeout_s: float = 240) -> None:
-        """Until the application is RUNNING with every deployment HEALTHY and /healthz answers 200. Asks the
-        dashboard's REST API (what `serve status` asks) rather than starting the CLI, a Python process that takes
-        a second of this small machine's CPU from the replicas starting, at every look."""
-        deadline = time.monotonic() + timeout_s
-        last: object = None
-        while time.monotonic() < deadline:
-            try:
-                last = app = self.dashboard("/api/serve/applications/").json()["applications"]["waterbirds"]
-                healthy = all(d["status"] == "HEALTHY" for d in app["deployments"].values())
-                if app["status"] == "RUNNING" and healthy:
-                    if httpx.get(self.url + "/healthz", timeout=10).status_code == 200:
-                        return
-            except (KeyError, TypeError, ValueError, httpx.HTTPError) as e:
-                last = e
-            time.sleep(1)
-        raise TimeoutError(f"the application did not become healthy in {timeout_s} s; last status: {last}")
+        harness.wait_healthy(self.url, timeout_s)
 
     def running_replicas(self, deployment_name: str) -> set[str]:
         """Replica ids of a deployment's RUNNING replicas, as the dashboard sees them."""
-        app = self.dashboard("/api/serve/applications/").json()["applications"]["waterbirds"]
+        app = harness.application()
         return {r["replica_id"] for r in app["deployments"][deployment_name]["replicas"] if r["state"] == "RUNNING"}
 
     def replica_logs(self, deployment_name: str) -> dict[str, list[dict[str, Any]]]:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from cluster.make_rayservice import render
+from serve_app.run import SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT.parent / "shared" / "kuberay"
@@ -84,3 +85,21 @@ def test_launcher_config_has_a_cpu_head_and_gpu_workers() -> None:
     head = " ".join(config["head_start_ray_commands"])
     assert "RAY_REDIS_ADDRESS=" in head and "--redis-password=" in head  # GCS fault tolerance
     assert "RAY_gcs_rpc_server_reconnect_timeout_s=600" in " ".join(config["worker_start_ray_commands"])
+
+
+def test_every_way_of_starting_ray_sets_the_serving_settings_of_make_serve() -> None:
+    """serve_app/run.py's SERVE_ENV is the one place they are written; the KubeRay manifest is generated from it
+    (above), the launcher's start commands and the local multi-node cluster are checked against it here."""
+    settings = [f"{name}={value}" for name, value in SERVE_ENV.items() if name != "RAY_SERVE_HAPROXY_BINARY_PATH"]
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    starts = {"the launcher's head": " ".join(launcher["head_start_ray_commands"]),
+              "the launcher's workers": " ".join(launcher["worker_start_ray_commands"]),
+              "cluster/local.sh": (ROOT / "cluster" / "local.sh").read_text()}
+    for where, commands in starts.items():
+        words = set(commands.split())
+        missing = [setting for setting in settings if setting not in words]
+        assert not missing, f"{where} starts Ray without {missing}"
+        assert "RAY_SERVE_HAPROXY_BINARY_PATH=" in commands, where
+    pod = {e["name"]: e.get("value") for e in yaml.safe_load(render())["spec"]["rayClusterConfig"]["headGroupSpec"]
+           ["template"]["spec"]["containers"][0]["env"]}
+    assert all(pod[name] == value for name, value in SERVE_ENV.items() if name != "RAY_SERVE_HAPROXY_BINARY_PATH")

@@ -14,11 +14,12 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
 
+from load.harness import deployment
 from load.loadgen import Upload, run_load
 from serve_app.openapi import OPENAPI
 from tests import images
 from tests.conftest import Photo
-from tests.service import Service, deployment, load_config
+from tests.service import Service, load_config
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,11 @@ from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
 from load.checkpoints import random_bcnn_checkpoint
 from load.devices import on_device
+from load.harness import deployment
 from load.loadgen import BackgroundLoad, Upload, run_load
 from tests import images
 from tests.conftest import Photo
-from tests.service import Service, deployment, load_config
+from tests.service import Service, load_config
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from load.harness import deployment
 from serve_app.offline import STATIC
 from tests.conftest import OUTPUT, Photo
-from tests.service import Service, deployment, load_config
+from tests.service import Service, load_config
 
 pytestmark = [pytest.mark.chromium, pytest.mark.slow]
 

@@ -13,11 +13,12 @@ import httpx
 import psutil
 import pytest
 
+from load.harness import deployment
 from load.loadgen import BackgroundLoad, Upload, run_load
 from serve_app.run import DASHBOARD_URL
 from tests import images
 from tests.conftest import Photo
-from tests.service import Service, deployment, load_config
+from tests.service import Service, load_config
 
 pytestmark = pytest.mark.slow
 
