@@ -6,7 +6,7 @@
 - `quantization`: the phone's model quantized by ONNX Runtime (dynamic, uint8 weights) against the float32 one:
   size, top-1 and `is_waterbird` agreement.
 
-    python -m load.offline --url http://127.0.0.1:8000 --out load/results/offline-2026-12-03
+    python -m load.phone_page --url http://127.0.0.1:8000 --out load/results/offline-2026-12-03
 """
 
 from __future__ import annotations
