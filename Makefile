@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints.txt
 # The stamp names a hash of pyproject.toml and the constraints: editing either re-installs, nothing else does.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install web-runtime test test-long test-fast serve bench load lint constraints clean
+.PHONY: install web-runtime test test-long test-fast serve classify bench load lint constraints clean
 
 install: $(STAMP) web-runtime
 
@@ -58,6 +58,12 @@ test-fast: install
 
 serve: install
 	$(PY) -m serve_app.run
+
+# A whole collection: make classify PHOTOS=path/to/folder OUT=predictions.jsonl (run again to resume; batch/).
+PHOTOS ?= ../shared/waterbirds/photos
+OUT ?= predictions.jsonl
+classify: install
+	$(VENV)/bin/waterbirds-classify $(PHOTOS) --out $(OUT)
 
 bench: install
 	$(PY) -m load.bench

@@ -100,7 +100,7 @@ def _deploy(checkpoint: str, classifiers_per_gpu: int, simulated: dict[str, floa
                                   "Classifier")
     options = {k: settings[k] for k in ("num_replicas", "max_ongoing_requests", "max_queued_requests",
                                         "ray_actor_options")}
-    device = BenchDevice(kind="simulated", **simulated) if simulated is not None else None
+    device = BenchDevice(kind="simulated", **simulated).backend() if simulated is not None else None
     app = Classifier.options(**options, user_config=settings["user_config"]).bind(device)
     return serve.run(app, name=APP, route_prefix=None)
 

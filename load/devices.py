@@ -154,9 +154,24 @@ class SkippedForward:
         return torch.zeros(len(images), self.classes)
 
 
+@dataclass(frozen=True)
+class BenchBackend:
+    """The factory the Classifier calls for each model it loads (`backend_factory`). A frozen dataclass: Serve hashes
+    a deployment's bound arguments into its version, and a pydantic model's pickle holds a set, whose order changes
+    from process to process, so every deploy would have restarted the Classifiers."""
+
+    kind: Literal["skipped", "simulated"]
+    timing: DeviceTiming = DeviceTiming()
+
+    def __call__(self, weights: Weights) -> Backend:
+        if self.kind == "skipped":
+            return SkippedForward(len(weights.categories))
+        return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, self.timing, _timeline())
+
+
 class BenchDevice(BaseModel):
-    """What stands in for the forward pass; the timing is the simulated device's (defaults: one H200, VGG16-BCNN
-    at 448)."""
+    """What stands in for the forward pass, as the application's arguments name it; the timing is the simulated
+    device's (defaults: one H200, VGG16-BCNN at 448)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -166,14 +181,8 @@ class BenchDevice(BaseModel):
     time_scale: float = Field(DeviceTiming.time_scale, gt=0, description="a device this many times slower, which "
                               "a small CPU can feed")
 
-    def timing(self) -> DeviceTiming:
-        return DeviceTiming(self.fixed_ms, self.per_image_ms, self.time_scale)
-
-    def __call__(self, weights: Weights) -> Backend:
-        """The Classifier's backend for `weights` (called in its replica, once per model loaded)."""
-        if self.kind == "skipped":
-            return SkippedForward(len(weights.categories))
-        return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, self.timing(), _timeline())
+    def backend(self) -> BenchBackend:
+        return BenchBackend(self.kind, DeviceTiming(self.fixed_ms, self.per_image_ms, self.time_scale))
 
 
 def _timeline() -> Timeline:
@@ -195,7 +204,7 @@ class BenchAppArgs(AppArgs):
 
 def build_app(args: BenchAppArgs) -> Application:
     """The service of serve_app/app.py with `args.device` in place of every Classifier's forward pass."""
-    return compose(args, backend_factory=args.device)
+    return compose(args, backend_factory=args.device.backend())
 
 
 def on_device(config: dict[str, Any], device: dict[str, Any] | None = None) -> dict[str, Any]:

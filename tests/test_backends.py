@@ -80,7 +80,7 @@ def test_export_checks_itself_on_real_photos_and_the_file_carries_what_an_app_ne
         assert np.allclose(from_file.species_confidence, served.species_confidence)
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 20 s of ExecuTorch's export on two cores: `make test-long`
 def test_an_executorch_program_for_phones_checks_itself_the_same_way(
         tmp_path: Path, photos: list[Photo], capsys: pytest.CaptureFixture[str]) -> None:
     from executorch.runtime import Runtime

@@ -80,7 +80,7 @@ def test_launcher_config_has_a_cpu_head_and_gpu_workers() -> None:
     types = config["available_node_types"]
     assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
     assert types["gpu_workers"]["min_workers"] >= 1 and types["gpu_workers"]["max_workers"] >= 2
-    assert any('pip install ".[serve]"' in c for c in config["setup_commands"])
+    assert any('pip install ".[serve,batch]"' in c for c in config["setup_commands"])
     assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
     head = " ".join(config["head_start_ray_commands"])
     assert "RAY_REDIS_ADDRESS=" in head and "--redis-password=" in head  # GCS fault tolerance

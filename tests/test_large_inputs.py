@@ -24,7 +24,9 @@ from tests import images
 from tests.conftest import Photo
 from tests.service import Service, load_config
 
-pytestmark = pytest.mark.slow
+# `make test-long`: the forward pass skipped is a benchmark's device (load/devices.py), another application to Serve,
+# so switching to it and back restarts every replica, about 40 s each way on two cores.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,6 @@ def test_hostile_and_odd_inputs_at_448(service448: Service) -> None:
         assert _post(service448, data, content_type).status_code == 200, name
 
 
-@pytest.mark.long  # two minutes of autoscaling on two cores: `make test-long`
 def test_preprocessors_scale_out_under_load_and_back_after_it(service448: Service, vgg448: Path,
                                                               photos: list[Photo]) -> None:
     """The production file's autoscaling, with the classifier at a GPU's speed: more Preprocessor replicas under

@@ -1,0 +1,5 @@
+import sys
+
+from batch.classify import main
+
+sys.exit(main())

@@ -1,0 +1,311 @@
+"""Whole photo collections: every photo of a folder, a list of files or a bucket classified with Ray Data, one record
+per photo, resumable.
+
+The photos are read and decoded in CPU tasks and classified in a pool of actors (one GPU each on GPU nodes; ONNX
+Runtime on CPUs, as the service's `auto` backend), in batches, streaming: memory stays flat whatever the collection's
+size. Each record is written the moment its batch is done, flushed, so the output file is the checkpoint: the same
+command again skips every photo it holds and classifies the rest. The answers are the service's: the same
+preprocessing (`bcnn.preprocess.load_image`), model, thresholds and species rule (`bcnn.predict.Predictor`), the same
+record (`bcnn.answers.Answer.to_dict`), and for a photo that cannot be read the error code the API gives.
+
+    waterbirds-classify PHOTOS --out predictions.jsonl [--format csv] [--checkpoint default] [--top-k 5]
+
+PHOTOS is a folder (recursive, the image types the service accepts), a .txt or .csv list of paths (its first
+column), or a URI Ray Data reads (`s3://bucket/survey/`, where the cluster has credentials). It runs on the Ray
+cluster `ray.init()` finds (`RAY_ADDRESS`, or one started on this machine with `ray start`), else on one it starts
+here; on a cluster, submit it as a job (docs/batch.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
+from bcnn.backend_names import BACKENDS, BackendName
+from bcnn.data import IMAGE_SUFFIXES
+from bcnn.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
+from bcnn.preprocess import load_image
+
+Format = Literal["jsonl", "csv"]
+CSV_FIELDS = ("file", "model", "model_version", "is_waterbird", "waterbird_score", "species_known",
+              "species_confidence", "species", "species_score", "predictions", "error_code", "error_message")
+
+
+def find_photos(source: str) -> list[str] | None:
+    """The photos of a folder (recursive, sorted) or of a .txt/.csv list; None for a URI that Ray Data lists."""
+    if "://" in source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if path.is_file() and path.suffix.lower() in (".txt", ".csv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
+        if rows and rows[0].lower() in ("file", "path", "filename"):
+            rows = rows[1:]
+        base = path.parent
+        return [row if os.path.isabs(row) or "://" in row else str(base / row) for row in rows]
+    raise SystemExit(f"{source}: not a folder, a .txt or .csv list of photos, or a URI")
+
+
+def decode(batch: dict[str, np.ndarray], preprocess: Preprocess, max_pixels: int) -> dict[str, np.ndarray]:
+    """CPU task: each photo's bytes (read here, or as Ray Data read them) to uint8 pixels at the model's input size,
+    or the API's error code for it."""
+    paths = batch["path"]
+    side = preprocess.crop_size
+    pixels = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
+    codes, messages = [""] * len(paths), [""] * len(paths)
+    for i, path in enumerate(paths):
+        try:
+            data = batch["bytes"][i] if "bytes" in batch else Path(path).read_bytes()
+            pixels[i] = load_image(data, preprocess, max_pixels=max_pixels).pixels
+        except ImageError as e:
+            codes[i], messages[i] = e.code, str(e)
+        except OSError as e:
+            codes[i], messages[i] = "unreadable_file", e.strerror or str(e)
+    return {"path": paths, "pixels": pixels, "error_code": np.array(codes), "error_message": np.array(messages)}
+
+
+class Classify:
+    """Actor: the model, loaded once; a batch of decoded photos to one JSON record each."""
+
+    def __init__(self, checkpoint: str, classes_file: str | None, threshold: float, backend: BackendName,
+                 threads: int, top_k: int) -> None:
+        from bcnn.models import get_weights
+        from bcnn.predict import Predictor
+
+        self.predictor = Predictor(get_weights(checkpoint, classes_file=classes_file), threshold=threshold,
+                                   backend=backend, threads=threads)
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        predictor, weights = self.predictor, self.predictor.weights
+        usable = np.flatnonzero(batch["error_code"] == "")
+        records: list[str] = []
+        answers = iter(())
+        if len(usable):
+            ranked = predictor.rank(predictor.launch([batch["pixels"][usable]]).wait(), self.top_k)
+            answers = (ranked.answer(row, predictor.labels) for row in range(len(usable)))
+        for path, code, message in zip(batch["path"], batch["error_code"], batch["error_message"], strict=True):
+            if code:
+                record: dict[str, object] = {"file": str(path), "error": {"code": str(code), "message": str(message)}}
+            else:
+                record = {"file": str(path), **next(answers).to_dict(), "model": weights.name,
+                          "model_version": weights.version}
+            records.append(json.dumps(record, ensure_ascii=False))
+        return {"record": np.array(records, dtype=object)}
+
+
+@dataclass
+class Summary:
+    out: Path
+    photos: int
+    already_done: int
+    written: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def line(self) -> str:
+        done = sum(self.written.values())
+        rate = done / self.seconds if self.seconds else 0.0
+        state = "interrupted: run the same command again to go on" if self.interrupted else "done"
+        return (f"{state}. {done} photos classified in {self.seconds:.1f} s ({rate:.1f} photos/s): "
+                f"{self.written['species']} species named, {self.written['species_unknown']} waterbirds of a "
+                f"species not told apart, {self.written['not_waterbird']} not waterbirds, {self.written['failed']} "
+                f"unreadable; {self.already_done} were done before. Records in {self.out}.")
+
+
+def kind(record: dict[str, Any]) -> str:
+    if "error" in record:
+        return "failed"
+    if not record["is_waterbird"]:
+        return "not_waterbird"
+    return "species" if record["species_known"] else "species_unknown"
+
+
+class Output:
+    """The output file, which is also the checkpoint: records appended and flushed as they come; on opening, the
+    files it already holds are done, and a record cut short by a crash is dropped."""
+
+    def __init__(self, path: Path, fmt: Format) -> None:
+        self.path, self.fmt = path, fmt
+        self.done: set[str] = set()
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):  # the last record was cut short: it is classified again
+                text = text[:text.rfind("\n") + 1]
+                path.write_text(text, encoding="utf-8")
+            lines = text.splitlines()
+            if fmt == "csv":
+                self.done = {row["file"] for row in csv.DictReader(lines)}
+            else:
+                self.done = {json.loads(line)["file"] for line in lines if line.strip()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = path.open("a", encoding="utf-8", newline="")
+        self.csv = csv.DictWriter(self.file, CSV_FIELDS) if fmt == "csv" else None
+        if self.csv is not None and new:
+            self.csv.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.csv is None:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            self.csv.writerow(csv_row(record))
+
+    def flush(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
+
+
+def csv_row(record: dict[str, Any]) -> dict[str, object]:
+    if "error" in record:
+        return {"file": record["file"], "error_code": record["error"]["code"],
+                "error_message": record["error"]["message"]}
+    top = record["predictions"][0]
+    return {"file": record["file"], "model": record["model"], "model_version": record["model_version"],
+            "is_waterbird": record["is_waterbird"], "waterbird_score": record["waterbird_score"],
+            "species_known": record["species_known"], "species_confidence": record["species_confidence"],
+            "species": top["label"], "species_score": top["score"],
+            "predictions": "; ".join(f"{p['label']} {p['score']}" for p in record["predictions"])}
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint: str = "default"
+    classes_file: str | None = None
+    top_k: int = 5
+    threshold: float = DEFAULT_WATERBIRD_THRESHOLD
+    backend: BackendName = "auto"
+    batch_size: int = 0
+    """photos per forward pass; 0: 64 on a GPU, 8 on a CPU"""
+    actors: int = 0
+    """model replicas; 0: one per GPU of the cluster, else one per `threads` CPUs"""
+    threads: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings = Settings(),  # noqa: B008
+             progress: bool = True) -> Summary:
+    """Classify every photo of `source` not yet in `out` into it. Ray must be initialised (`main` does)."""
+    import ray
+    import ray.data
+
+    from bcnn.models import get_weights
+
+    weights = get_weights(settings.checkpoint, classes_file=settings.classes_file)
+    output = Output(out, fmt)
+    photos = find_photos(source)
+    todo_paths: list[str] = []
+    if photos is None:
+        dataset = ray.data.read_binary_files(source, include_paths=True,
+                                             file_extensions=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
+        dataset = dataset.filter(lambda row, done=frozenset(output.done): row["path"] not in done)
+        todo: int | None = None
+    else:
+        todo_paths = [p for p in photos if p not in output.done]
+        todo = len(todo_paths)
+    summary = Summary(out, len(photos) if photos is not None else 0, len(output.done))
+    if todo == 0:
+        output.close()
+        return summary
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = settings.actors or gpus or max(1, cpus // settings.threads)
+    batch_size = settings.batch_size or (64 if gpus else 8)
+    if todo is not None:
+        # A block per batch (Ray Data would make one per photo of a short list, which costs more to schedule than
+        # to decode), and no more actors than blocks.
+        blocks = max(1, min(-(-todo // batch_size), 1000))
+        actors = min(actors, blocks)
+        dataset = ray.data.from_items([{"path": p} for p in todo_paths], override_num_blocks=blocks)
+    # A whole CPU per decoding task, half of one per model actor: the two stages differ in resources, so Ray Data
+    # keeps them apart (decoding beside the model, not inside its actor, where a GPU would wait for it).
+    dataset = dataset.map_batches(decode, batch_size=batch_size, num_cpus=1,
+                                  fn_kwargs={"preprocess": weights.preprocess, "max_pixels": settings.max_pixels})
+    dataset = dataset.map_batches(
+        Classify, batch_size=batch_size,
+        # A fixed pool by its size, less a minimum of 1: Ray Data warns where a small collection cannot keep a
+        # minimum of several actors busy.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else settings.threads * 0.5,
+        fn_constructor_kwargs={"checkpoint": settings.checkpoint, "classes_file": settings.classes_file,
+                               "threshold": settings.threshold, "backend": settings.backend,
+                               "threads": settings.threads, "top_k": settings.top_k})
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours says photos/s and the time left
+    bar = _progress(todo) if progress else None
+    start = time.monotonic()
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for line in batch["record"]:
+                record = json.loads(line)
+                output.write(record)
+                summary.written[kind(record)] += 1
+            output.flush()
+            if bar is not None:
+                bar.update(len(batch["record"]))
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        summary.seconds = time.monotonic() - start
+        output.close()
+        if bar is not None:
+            bar.close()
+    return summary
+
+
+def _progress(total: int | None) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="photo", desc="classified", smoothing=0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="waterbirds-classify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("photos", metavar="PHOTOS", help="a folder, a .txt/.csv list of paths, or a URI")
+    parser.add_argument("--out", type=Path, required=True, help="the records (the same file resumes a run)")
+    parser.add_argument("--format", choices=("jsonl", "csv"), default=None, help="default: from --out's suffix")
+    parser.add_argument("--checkpoint", "--model", default="default",
+                        help="'default', a registry name or a checkpoint file, as for bcnn predict")
+    parser.add_argument("--classes", default=None, help="class list for a 2019 service checkpoint")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--threshold", type=float, default=DEFAULT_WATERBIRD_THRESHOLD)
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--batch-size", type=int, default=0, help="photos per forward pass (0: 64 on GPUs, 8 else)")
+    parser.add_argument("--actors", type=int, default=0,
+                        help="model replicas (0: one per GPU, else one per --threads CPUs)")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per model replica on a CPU")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--address", default=None, help="the Ray cluster (default: as ray.init() finds one)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    fmt: Format = args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl")
+    settings = Settings(checkpoint=args.checkpoint, classes_file=args.classes, top_k=args.top_k,
+                        threshold=args.threshold, backend=args.backend, batch_size=args.batch_size,
+                        actors=args.actors, threads=args.threads, max_pixels=args.max_pixels)
+    import ray
+
+    ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    summary = classify(args.photos, args.out, fmt, settings, progress=not args.no_progress)
+    print(summary.line(), file=sys.stderr)
+    return 130 if summary.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Whole collections: `waterbirds-classify` (batch/classify.py, Ray Data) against `bcnn predict` on the same machine,
+photos per second, and the memory of every process of the run at a collection and at ten times its size.
+
+The shared photos are linked over and over into a folder of `--photos` files (and of ten times as many); each command
+runs alone on the machine, in a process of its own; memory is the largest sum of resident memory over the command's
+processes and Ray's, sampled every half second.
+
+    python -m load.collection [--photos 2000] [--predict-photos 300] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from load.harness import PHOTOS, ROOT
+
+
+def replicate(folder: Path, count: int) -> Path:
+    """`count` links to the shared photos, cycling through them, in `folder`."""
+    sources = sorted(PHOTOS.glob("*.jpg"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (folder / f"{i:06d}-{sources[i % len(sources)].name}").symlink_to(sources[i % len(sources)])
+    return folder
+
+
+class MemoryPeak:
+    """The largest sum of resident memory of a process tree and of every Ray process, sampled while it runs."""
+
+    def __init__(self, root: int) -> None:
+        self.root, self.peak_mb, self._stop = root, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            total = 0
+            for p in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
+                line = " ".join(p.info["cmdline"] or [])
+                if p.info["pid"] == self.root or "ray" in line and "ray::" in line or "/ray/" in line:
+                    total += p.info["memory_info"].rss if p.info["memory_info"] else 0
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return round(self.peak_mb, 1)
+
+
+def _timed(command: list[str]) -> tuple[float, float, str]:
+    start = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    memory = MemoryPeak(process.pid)
+    stdout, stderr = process.communicate()
+    peak = memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed: {stderr[-2000:]}")
+    return time.monotonic() - start, peak, stdout + stderr
+
+
+def bcnn_predict(folder: Path, count: int, checkpoint: str) -> dict[str, Any]:
+    files = sorted(str(p) for p in folder.iterdir())[:count]
+    seconds, peak, _ = _timed([sys.executable, "-m", "bcnn", "predict", "--json", "--checkpoint", checkpoint, *files])
+    return {"photos": count, "seconds": round(seconds, 1), "photos_per_s": round(count / seconds, 1),
+            "peak_rss_mb": peak}
+
+
+def waterbirds_classify(folder: Path, out: Path, extra: list[str]) -> dict[str, Any]:
+    seconds, peak, output = _timed([sys.executable, "-m", "batch", str(folder), "--out", str(out), "--address",
+                                    "local", "--no-progress", *extra])
+    classified = re.search(r"(\d+) photos classified in ([\d.]+) s \(([\d.]+) photos/s\)", output)
+    assert classified, output[-2000:]
+    photos, work_s, rate = int(classified[1]), float(classified[2]), float(classified[3])
+    return {"photos": photos, "seconds": round(seconds, 1), "photos_per_s": round(photos / seconds, 1),
+            "classifying_seconds": work_s, "classifying_photos_per_s": rate, "peak_rss_mb": peak}
+
+
+def measure(photos: int, predict_photos: int, checkpoint: str) -> dict[str, Any]:
+    extra = ["--checkpoint", checkpoint]
+    with tempfile.TemporaryDirectory(prefix="collection-") as tmp:
+        small = replicate(Path(tmp) / "small", photos)
+        large = replicate(Path(tmp) / "large", photos * 10)
+        report: dict[str, Any] = {"machine_cpus": psutil.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%MZ",
+                                                                                            time.gmtime())}
+        report["bcnn_predict"] = bcnn_predict(small, predict_photos, checkpoint)
+        print("bcnn predict:", report["bcnn_predict"], flush=True)
+        report["classify"] = waterbirds_classify(small, Path(tmp) / "small.jsonl", extra)
+        print("waterbirds-classify:", report["classify"], flush=True)
+        report["classify_10x"] = waterbirds_classify(large, Path(tmp) / "large.jsonl", extra)
+        print("waterbirds-classify, 10x:", report["classify_10x"], flush=True)
+    report["speedup"] = round(report["classify"]["photos_per_s"] / report["bcnn_predict"]["photos_per_s"], 2)
+    report["memory_10x_over_1x"] = round(report["classify_10x"]["peak_rss_mb"] / report["classify"]["peak_rss_mb"],
+                                         2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, default=2000)
+    parser.add_argument("--predict-photos", type=int, default=300, help="bcnn predict's share (it is slow)")
+    parser.add_argument("--checkpoint", default="default")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    report = measure(args.photos, args.predict_photos, args.checkpoint)
+    report["checkpoint"] = args.checkpoint
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
