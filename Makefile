@@ -48,8 +48,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: install
 	$(PY) -m pytest
 
-# The tests that bring up Ray clusters of their own for minutes each: the multi-node cluster (cluster/local.sh:
-# placement, a GPU node lost, the head lost), the production file on one GPU, and the GPU run's short form.
+# The tests of minutes each: the multi-node cluster (cluster/local.sh: placement, a GPU node lost, the head lost), the
+# production file on one GPU, the GPU run's short form, the VGG16-BCNN at 448 with the benchmarks' skipped forward
+# pass (autoscaling included), and the ExecuTorch export.
 test-long: install
 	$(PY) -m pytest -m long
 

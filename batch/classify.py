@@ -1,12 +1,13 @@
-"""Whole photo collections: every photo of a folder, a list of files or a bucket classified with Ray Data, one record
-per photo, resumable.
+"""Whole photo collections: every photo of a folder, a list of files or a bucket classified with Ray Data, one
+record per photo, resumable.
 
-The photos are read and decoded in CPU tasks and classified in a pool of actors (one GPU each on GPU nodes; ONNX
-Runtime on CPUs, as the service's `auto` backend), in batches, streaming: memory stays flat whatever the collection's
-size. Each record is written the moment its batch is done, flushed, so the output file is the checkpoint: the same
-command again skips every photo it holds and classifies the rest. The answers are the service's: the same
-preprocessing (`bcnn.preprocess.load_image`), model, thresholds and species rule (`bcnn.predict.Predictor`), the same
-record (`bcnn.answers.Answer.to_dict`), and for a photo that cannot be read the error code the API gives.
+The photos are read and decoded by a pool of CPU actors and classified by a pool of model actors (one GPU each on
+GPU nodes; ONNX Runtime on CPUs, as the service's `auto` backend), in batches, streaming: memory stays flat whatever
+the collection's size. Each record is written the moment its batch is done, flushed, so the output file is the
+checkpoint: the same command again skips every photo it holds and classifies the rest. The answers are the
+service's: the same preprocessing (`bcnn.preprocess.load_image`), model, thresholds and species rule
+(`bcnn.predict.Predictor`), the same record (`bcnn.answers.Answer.to_dict`), and for a photo that cannot be read the
+error code the API gives.
 
     waterbirds-classify PHOTOS --out predictions.jsonl [--format csv] [--checkpoint default] [--top-k 5]
 
@@ -38,6 +39,7 @@ from bcnn.images import DEFAULT_MAX_PIXELS, ImageError, Preprocess
 from bcnn.preprocess import load_image
 
 Format = Literal["jsonl", "csv"]
+DECODE_CPUS = 0.25
 CSV_FIELDS = ("file", "model", "model_version", "is_waterbird", "waterbird_score", "species_known",
               "species_confidence", "species", "species_score", "predictions", "error_code", "error_message")
 
@@ -59,22 +61,32 @@ def find_photos(source: str) -> list[str] | None:
     raise SystemExit(f"{source}: not a folder, a .txt or .csv list of photos, or a URI")
 
 
-def decode(batch: dict[str, np.ndarray], preprocess: Preprocess, max_pixels: int) -> dict[str, np.ndarray]:
-    """CPU task: each photo's bytes (read here, or as Ray Data read them) to uint8 pixels at the model's input size,
-    or the API's error code for it."""
-    paths = batch["path"]
-    side = preprocess.crop_size
-    pixels = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
-    codes, messages = [""] * len(paths), [""] * len(paths)
-    for i, path in enumerate(paths):
-        try:
-            data = batch["bytes"][i] if "bytes" in batch else Path(path).read_bytes()
-            pixels[i] = load_image(data, preprocess, max_pixels=max_pixels).pixels
-        except ImageError as e:
-            codes[i], messages[i] = e.code, str(e)
-        except OSError as e:
-            codes[i], messages[i] = "unreadable_file", e.strerror or str(e)
-    return {"path": paths, "pixels": pixels, "error_code": np.array(codes), "error_message": np.array(messages)}
+class Decode:
+    """Actor: each photo's bytes (read here, or as Ray Data read them) to uint8 pixels at the model's input size, or
+    the API's error code for it. An actor rather than a task: each process imports torch once (its resize), where
+    short-lived decoding tasks spread over many workers paid that import again and again."""
+
+    def __init__(self, preprocess: Preprocess, max_pixels: int) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one image at a time: no thread pool to keep spinning
+        self.preprocess, self.max_pixels = preprocess, max_pixels
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = batch["path"]
+        side = self.preprocess.crop_size
+        pixels = np.zeros((len(paths), side, side, 3), dtype=np.uint8)
+        codes, messages = [""] * len(paths), [""] * len(paths)
+        for i, path in enumerate(paths):
+            try:
+                data = batch["bytes"][i] if "bytes" in batch else Path(path).read_bytes()
+                pixels[i] = load_image(data, self.preprocess, max_pixels=self.max_pixels).pixels
+            except ImageError as e:
+                codes[i], messages[i] = e.code, str(e)
+            except OSError as e:
+                codes[i], messages[i] = "unreadable_file", e.strerror or str(e)
+        return {"path": paths, "pixels": pixels, "error_code": np.array(codes),
+                "error_message": np.array(messages)}
 
 
 class Classify:
@@ -93,6 +105,7 @@ class Classify:
         predictor, weights = self.predictor, self.predictor.weights
         usable = np.flatnonzero(batch["error_code"] == "")
         records: list[str] = []
+        kinds: list[str] = []
         answers = iter(())
         if len(usable):
             ranked = predictor.rank(predictor.launch([batch["pixels"][usable]]).wait(), self.top_k)
@@ -104,7 +117,8 @@ class Classify:
                 record = {"file": str(path), **next(answers).to_dict(), "model": weights.name,
                           "model_version": weights.version}
             records.append(json.dumps(record, ensure_ascii=False))
-        return {"record": np.array(records, dtype=object)}
+            kinds.append(kind(record))
+        return {"record": np.array(records, dtype=object), "kind": np.array(kinds, dtype=object)}
 
 
 @dataclass
@@ -158,11 +172,12 @@ class Output:
         if self.csv is not None and new:
             self.csv.writeheader()
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: str) -> None:
+        """One record, as the JSON line the model actor wrote."""
         if self.csv is None:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.write(record + "\n")
         else:
-            self.csv.writerow(csv_row(record))
+            self.csv.writerow(csv_row(json.loads(record)))
 
     def flush(self) -> None:
         self.file.flush()
@@ -193,9 +208,9 @@ class Settings:
     threshold: float = DEFAULT_WATERBIRD_THRESHOLD
     backend: BackendName = "auto"
     batch_size: int = 0
-    """photos per forward pass; 0: 64 on a GPU, 8 on a CPU"""
+    """photos per forward pass; 0: 64 on a GPU, 32 on a CPU"""
     actors: int = 0
-    """model replicas; 0: one per GPU of the cluster, else one per `threads` CPUs"""
+    """model replicas; 0: one per GPU of the cluster, else as many as its CPUs hold (half a CPU per thread each)"""
     threads: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -225,25 +240,33 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
         output.close()
         return summary
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = settings.actors or gpus or max(1, cpus // settings.threads)
-    batch_size = settings.batch_size or (64 if gpus else 8)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    # On CPUs each model actor holds half a CPU per thread, so that the decoding actors (a quarter each; one per CPU
+    # left, one at least) run beside them: a run whose decoders cannot start would wait forever.
+    actor_cpus = 0 if gpus else settings.threads * 0.5
+    room = gpus if gpus else int((cpus - DECODE_CPUS) // actor_cpus)
+    actors = settings.actors or room
+    if actors > max(room, 1) or room < 1:
+        raise ValueError(f"{actors} model actors do not fit this cluster ({cpus:g} CPUs, {gpus} GPUs) beside a "
+                         f"decoding actor; ask for at most {max(room, 1)}")
+    decoders = max(1, int(cpus - actors * actor_cpus))
+    batch_size = settings.batch_size or (64 if gpus else 32)
     if todo is not None:
         # A block per batch (Ray Data would make one per photo of a short list, which costs more to schedule than
         # to decode), and no more actors than blocks.
         blocks = max(1, min(-(-todo // batch_size), 1000))
-        actors = min(actors, blocks)
+        actors, decoders = min(actors, blocks), min(decoders, blocks)
         dataset = ray.data.from_items([{"path": p} for p in todo_paths], override_num_blocks=blocks)
-    # A whole CPU per decoding task, half of one per model actor: the two stages differ in resources, so Ray Data
-    # keeps them apart (decoding beside the model, not inside its actor, where a GPU would wait for it).
-    dataset = dataset.map_batches(decode, batch_size=batch_size, num_cpus=1,
-                                  fn_kwargs={"preprocess": weights.preprocess, "max_pixels": settings.max_pixels})
+    # Pools that start at their size and keep a minimum of 1: Ray Data warns where a small collection cannot keep a
+    # minimum of several actors busy. Decoders beyond the first start as their queue grows.
+    dataset = dataset.map_batches(
+        Decode, batch_size=batch_size, num_cpus=DECODE_CPUS,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=1),
+        fn_constructor_kwargs={"preprocess": weights.preprocess, "max_pixels": settings.max_pixels})
     dataset = dataset.map_batches(
         Classify, batch_size=batch_size,
-        # A fixed pool by its size, less a minimum of 1: Ray Data warns where a small collection cannot keep a
-        # minimum of several actors busy.
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=0 if gpus else settings.threads * 0.5,
+        num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
         fn_constructor_kwargs={"checkpoint": settings.checkpoint, "classes_file": settings.classes_file,
                                "threshold": settings.threshold, "backend": settings.backend,
                                "threads": settings.threads, "top_k": settings.top_k})
@@ -252,10 +275,9 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
     start = time.monotonic()
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for line in batch["record"]:
-                record = json.loads(line)
+            for record, record_kind in zip(batch["record"], batch["kind"], strict=True):
                 output.write(record)
-                summary.written[kind(record)] += 1
+                summary.written[record_kind] += 1
             output.flush()
             if bar is not None:
                 bar.update(len(batch["record"]))
@@ -287,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=DEFAULT_WATERBIRD_THRESHOLD)
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--batch-size", type=int, default=0, help="photos per forward pass (0: 64 on GPUs, 8 else)")
+    parser.add_argument("--batch-size", type=int, default=0, help="photos per forward pass (0: 64 on GPUs, 32 else)")
     parser.add_argument("--actors", type=int, default=0,
-                        help="model replicas (0: one per GPU, else one per --threads CPUs)")
+                        help="model replicas (0: one per GPU, else as many as the CPUs hold)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per model replica on a CPU")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--address", default=None, help="the Ray cluster (default: as ray.init() finds one)")
@@ -302,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
-    summary = classify(args.photos, args.out, fmt, settings, progress=not args.no_progress)
+    try:
+        summary = classify(args.photos, args.out, fmt, settings, progress=not args.no_progress)
+    except ValueError as e:
+        print(f"waterbirds-classify: {e}", file=sys.stderr)
+        return 2
     print(summary.line(), file=sys.stderr)
     return 130 if summary.interrupted else 0
 
