@@ -58,7 +58,7 @@ def find_photos(source: str) -> list[str] | None:
             rows = rows[1:]
         base = path.parent
         return [row if os.path.isabs(row) or "://" in row else str(base / row) for row in rows]
-    raise SystemExit(f"{source}: not a folder, a .txt or .csv list of photos, or a URI")
+    raise ValueError(f"{source}: not a folder, a .txt or .csv list of photos, or a URI")
 
 
 class Decode:
@@ -223,9 +223,9 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
 
     from bcnn.models import get_weights
 
+    photos = find_photos(source)
     weights = get_weights(settings.checkpoint, classes_file=settings.classes_file)
     output = Output(out, fmt)
-    photos = find_photos(source)
     todo_paths: list[str] = []
     if photos is None:
         dataset = ray.data.read_binary_files(source, include_paths=True,
