@@ -124,7 +124,6 @@ class Classify:
 @dataclass
 class Summary:
     out: Path
-    photos: int
     already_done: int
     written: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
@@ -235,7 +234,7 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
     else:
         todo_paths = [p for p in photos if p not in output.done]
         todo = len(todo_paths)
-    summary = Summary(out, len(photos) if photos is not None else 0, len(output.done))
+    summary = Summary(out, len(output.done))
     if todo == 0:
         output.close()
         return summary

@@ -35,7 +35,6 @@ from typing import Any
 from load import harness
 from load.checkpoints import random_bcnn_checkpoint
 from load.cpu_watch import CpuWatch, busy_ms_by_role
-from load.devices import BenchDevice, DeviceTiming
 
 APP = "classifier-profile"
 
@@ -95,12 +94,13 @@ def _deploy(checkpoint: str, classifiers_per_gpu: int, simulated: dict[str, floa
     from ray import serve
 
     from deployments.classifier import Classifier
+    from load.devices import BenchBackend, DeviceTiming  # Ray with it: imported once `run` has set RAY_AUTH_MODE
 
     settings = harness.deployment(harness.production_config(checkpoint, classifiers_per_gpu=classifiers_per_gpu),
                                   "Classifier")
     options = {k: settings[k] for k in ("num_replicas", "max_ongoing_requests", "max_queued_requests",
                                         "ray_actor_options")}
-    device = BenchDevice(kind="simulated", **simulated).backend() if simulated is not None else None
+    device = BenchBackend("simulated", DeviceTiming(**simulated)) if simulated is not None else None
     app = Classifier.options(**options, user_config=settings["user_config"]).bind(device)
     return serve.run(app, name=APP, route_prefix=None)
 
@@ -142,6 +142,8 @@ async def _measure(handle: Any, refs: list[Any], args: Settings) -> tuple[dict[s
 def _device_seconds(parts: list[tuple[int, int]], timing: dict[str, float]) -> float:
     """The device's busy time for the forward passes seen: each pass of n images takes a + b x n, shared among the
     callers' parts of it by their images."""
+    from load.devices import DeviceTiming
+
     device = DeviceTiming(timing["fixed_ms"], timing["per_image_ms"], timing["time_scale"])
     return sum(images / n * device.seconds(n) for images, n in parts)
 

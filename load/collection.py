@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from load.cpu_watch import role_of
 from load.harness import PHOTOS, ROOT
 
 
@@ -46,10 +47,10 @@ class MemoryPeak:
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             total = 0
-            for p in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info"]):
-                line = " ".join(p.info["cmdline"] or [])
-                if p.info["pid"] == self.root or "ray" in line and "ray::" in line or "/ray/" in line:
-                    total += p.info["memory_info"].rss if p.info["memory_info"] else 0
+            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+                ours = p.info["pid"] == self.root or role_of(p.info["cmdline"] or []) is not None
+                if ours and p.info["memory_info"]:
+                    total += p.info["memory_info"].rss
             self.peak_mb = max(self.peak_mb, total / 2**20)
 
     def stop(self) -> float:

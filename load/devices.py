@@ -21,6 +21,7 @@ No `from __future__ import annotations` here: Serve reads `build_app`'s annotati
 
 
 import copy
+import dataclasses
 import fcntl
 import os
 import tempfile
@@ -33,7 +34,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 from torch import Tensor
 
@@ -156,33 +156,19 @@ class SkippedForward:
 
 @dataclass(frozen=True)
 class BenchBackend:
-    """The factory the Classifier calls for each model it loads (`backend_factory`). A frozen dataclass: Serve hashes
-    a deployment's bound arguments into its version, and a pydantic model's pickle holds a set, whose order changes
-    from process to process, so every deploy would have restarted the Classifiers."""
+    """What stands in for the forward pass (the timing: the simulated device's; defaults: one H200, VGG16-BCNN at
+    448), named by the application's arguments; the factory the Classifier calls for each model it loads
+    (`backend_factory`). A frozen dataclass: Serve hashes a deployment's bound arguments into its version, and a
+    pydantic model's pickle holds a set, whose order changes from process to process, so every deploy would have
+    restarted the Classifiers."""
 
-    kind: Literal["skipped", "simulated"]
+    kind: Literal["skipped", "simulated"] = "skipped"
     timing: DeviceTiming = DeviceTiming()
 
     def __call__(self, weights: Weights) -> Backend:
         if self.kind == "skipped":
             return SkippedForward(len(weights.categories))
         return SimulatedDevice(len(weights.categories), weights.preprocess.crop_size, self.timing, _timeline())
-
-
-class BenchDevice(BaseModel):
-    """What stands in for the forward pass, as the application's arguments name it; the timing is the simulated
-    device's (defaults: one H200, VGG16-BCNN at 448)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["skipped", "simulated"] = "skipped"
-    fixed_ms: float = Field(DeviceTiming.fixed_ms, ge=0)
-    per_image_ms: float = Field(DeviceTiming.per_image_ms, ge=0)
-    time_scale: float = Field(DeviceTiming.time_scale, gt=0, description="a device this many times slower, which "
-                              "a small CPU can feed")
-
-    def backend(self) -> BenchBackend:
-        return BenchBackend(self.kind, DeviceTiming(self.fixed_ms, self.per_image_ms, self.time_scale))
 
 
 def _timeline() -> Timeline:
@@ -199,20 +185,20 @@ def _timeline() -> Timeline:
 
 
 class BenchAppArgs(AppArgs):
-    device: BenchDevice = BenchDevice()
+    device: BenchBackend = BenchBackend()
 
 
 def build_app(args: BenchAppArgs) -> Application:
     """The service of serve_app/app.py with `args.device` in place of every Classifier's forward pass."""
-    return compose(args, backend_factory=args.device.backend())
+    return compose(args, backend_factory=args.device)
 
 
-def on_device(config: dict[str, Any], device: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A copy of the serve config `config` whose application serves with `device` (a `BenchDevice`'s fields; none:
-    the forward pass skipped) in place of the model's forward pass. Its replicas import this module, so the Ray
-    cluster must have the repository on its PYTHONPATH (`load.harness.serve_env`, `tests/service.py`)."""
+def on_device(config: dict[str, Any], device: BenchBackend = BenchBackend()) -> dict[str, Any]:  # noqa: B008
+    """A copy of the serve config `config` whose application serves with `device` (default: the forward pass
+    skipped) in place of the model's forward pass. Its replicas import this module, so the Ray cluster must have the
+    repository on its PYTHONPATH (`load.harness.serve_env`, `tests/service.py`)."""
     config = copy.deepcopy(config)
     [app] = config["applications"]
     app["import_path"] = "load.devices:build_app"
-    app["args"] = {**app.get("args", {}), "device": BenchDevice(**(device or {})).model_dump()}
+    app["args"] = {**app.get("args", {}), "device": dataclasses.asdict(device)}
     return config

@@ -7,7 +7,6 @@ torch sees no GPU and runs on the CPU. Everything is bound to loopback and stopp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import yaml
 
 from load import harness
 from load.harness import deployment
-from serve_app.run import DASHBOARD_URL, SERVE_ENV, cli, dashboard_headers, ray_running, stop_ray
+from serve_app.run import DASHBOARD_URL, cli, dashboard_headers, ray_running, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PORT = 8000
@@ -30,11 +29,10 @@ LOGS = Path("/tmp/ray/session_latest/logs/serve")
 # replica that stops drains for 5 s instead of Serve's 30 (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S): the 30 s
 # let an outside load balancer deregister it, and here there is none but Serve's own HAProxy. Harsher, not kinder,
 # than production: Serve stops an old ingress replica before its replacement runs, and the 30 s usually cover the
-# replacement's start, so here an upload can wait through a gap that production would not have. The repository on
-# the PYTHONPATH: replicas of the tests' bench devices import `load.devices`, which is not installed.
-ENV = {**os.environ, **SERVE_ENV, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
-       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+# replacement's start, so here an upload can wait through a gap that production would not have. (`serve_env` puts
+# the repository on the PYTHONPATH: replicas of the tests' bench devices import `load.devices`, not installed.)
+ENV = {**harness.serve_env(), "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def load_config(name: str = "serve_config.yaml", *, min_classifiers: int | None = 2) -> dict[str, Any]:

@@ -14,18 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("bcnn", "deployments", "serve_app", "batch", "load")
 
 
+def _imported(path: Path) -> set[str]:
+    """Every dotted name a module imports anywhere in its source (a function's import included): `from a.b import
+    c` names `a.b` and `a.b.c`."""
+    named: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            named.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            named.add(node.module)
+            named.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return named
+
+
 def _imports(package: str) -> dict[str, set[str]]:
-    """Top-level packages each module of `package` imports anywhere in its source, by module path."""
-    found = {}
-    for path in sorted((ROOT / package).rglob("*.py")):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(ROOT))] = names
-    return found
+    """Top-level packages each module of `package` imports, by module path."""
+    return {str(path.relative_to(ROOT)): {name.split(".")[0] for name in _imported(path)}
+            for path in sorted((ROOT / package).rglob("*.py"))}
 
 
 def test_the_model_library_imports_no_serving_code() -> None:
@@ -46,20 +51,11 @@ def test_nothing_under_serve_app_loads_torch() -> None:
 
 
 def _module_graph() -> dict[str, set[str]]:
-    """Our modules and the ones of ours each imports anywhere in its source (a function's import included)."""
+    """Our modules and the ones of ours each imports."""
     paths = {".".join(path.relative_to(ROOT).with_suffix("").parts): path
              for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
-    graph = {}
-    for module, path in paths.items():
-        named: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                named.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                named.add(node.module)
-                named.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[module] = {name for name in named if name in paths and name != module}
-    return graph
+    return {module: {name for name in _imported(path) if name in paths and name != module}
+            for module, path in paths.items()}
 
 
 def test_no_import_circle() -> None:
