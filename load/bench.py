@@ -36,7 +36,6 @@ import httpx
 import yaml
 
 from load import classifier_profile, fairness, harness, overload, serving_cost
-from load.devices import on_device
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -133,6 +132,8 @@ def _our_service(uploads: list[Upload], seconds: float, users: tuple[int, ...]) 
                          seconds=seconds / 2)
         print("backends through the service (torch, then auto, twice):", flush=True)
         backends = _backends_through_service(url, uploads, config, env, users=64, seconds=seconds)
+
+        from load.devices import on_device  # Ray with it: not before the profiles have set RAY_AUTH_MODE
 
         config = on_device(config)
         harness.deploy(config, env, uploads[0], model_name=harness.model_name("default"))
