@@ -1,7 +1,11 @@
-"""The measuring tools' own logic: which serving role a process plays, and wrk's figures in the load generator's
-summary shape."""
+"""The measuring tools' own logic: which serving role a process plays, wrk's figures in the load generator's
+summary shape, and that a benchmark loads Ray only after setting its environment."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 from load.cpu_watch import role_of
 from load.wrk import summary
@@ -26,3 +30,13 @@ def test_wrk_figures_take_the_load_generators_shape() -> None:
     assert (got["ok"], got["overloaded_503"], got["failed"], got["requests"]) == (990, 10, 3, 1003)
     assert got["throughput_rps"] == 99.0 and got["latency_ms_p50"] == 12.3 and got["latency_ms_p99"] == 45.0
     assert got["generator"] == "wrk" and got["generator_cpu_cores"] == 0.05
+
+
+def test_the_benchmarks_load_ray_only_once_they_have_set_its_environment() -> None:
+    """Ray reads RAY_AUTH_MODE when it is imported; a benchmark that imported it before setting the variable could
+    not connect to the token-authenticated cluster it starts (`load.classifier_profile.run`)."""
+    code = ("import sys, load.bench, load.classifier_profile, load.serving_cost, load.overload, load.fairness, "
+            "load.gpu_run\nprint('ray' in sys.modules)")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout == "False\n", loaded.stderr[-2000:]
