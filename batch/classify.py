@@ -40,6 +40,8 @@ from bcnn.preprocess import load_image
 
 Format = Literal["jsonl", "csv"]
 DECODE_CPUS = 0.25
+ACTOR_SHARE_OF_CORES = 0.75
+CPU_BATCH_AT_224 = 32
 CSV_FIELDS = ("file", "model", "model_version", "is_waterbird", "waterbird_score", "species_known",
               "species_confidence", "species", "species_score", "predictions", "error_code", "error_message")
 
@@ -207,9 +209,9 @@ class Settings:
     threshold: float = DEFAULT_WATERBIRD_THRESHOLD
     backend: BackendName = "auto"
     batch_size: int = 0
-    """photos per forward pass; 0: 64 on a GPU, 32 on a CPU"""
+    """photos per forward pass; 0: 64 on a GPU, on a CPU 32 at 224 and fewer in proportion to larger inputs"""
     actors: int = 0
-    """model replicas; 0: one per GPU of the cluster, else as many as its CPUs hold (half a CPU per thread each)"""
+    """model replicas; 0: one per GPU of the cluster, else one per `threads` CPUs"""
     threads: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS
 
@@ -240,16 +242,20 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
         return summary
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    # On CPUs each model actor holds half a CPU per thread, so that the decoding actors (a quarter each; one per CPU
-    # left, one at least) run beside them: a run whose decoders cannot start would wait forever.
-    actor_cpus = 0 if gpus else settings.threads * 0.5
-    room = gpus if gpus else int((cpus - DECODE_CPUS) // actor_cpus)
+    # On CPUs one model actor per `threads` cores: the forward pass is most of the work, and more actors than cores
+    # only took turns on them. Each holds three quarters of its cores, so that the decoding actors (a quarter of a
+    # CPU each, one per CPU left, one at least) run beside them: a run whose decoders cannot start would wait forever.
+    actor_cpus = 0 if gpus else settings.threads * ACTOR_SHARE_OF_CORES
+    room = gpus if gpus else int(cpus // settings.threads)
     actors = settings.actors or room
     if actors > max(room, 1) or room < 1:
         raise ValueError(f"{actors} model actors do not fit this cluster ({cpus:g} CPUs, {gpus} GPUs) beside a "
                          f"decoding actor; ask for at most {max(room, 1)}")
     decoders = max(1, int(cpus - actors * actor_cpus))
-    batch_size = settings.batch_size or (64 if gpus else 32)
+    # On a CPU a pass's memory grows with the batch's pixels, and a larger batch gains nothing there: 32 photos at
+    # 224, fewer in proportion at larger inputs, so that a model actor's memory stays about the same.
+    side = weights.preprocess.crop_size
+    batch_size = settings.batch_size or (64 if gpus else max(1, CPU_BATCH_AT_224 * 224**2 // side**2))
     if todo is not None:
         # A block per batch (Ray Data would make one per photo of a short list, which costs more to schedule than
         # to decode), and no more actors than blocks.
@@ -308,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=DEFAULT_WATERBIRD_THRESHOLD)
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--batch-size", type=int, default=0, help="photos per forward pass (0: 64 on GPUs, 32 else)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="photos per forward pass (0: 64 on GPUs, else 32 at 224 and fewer at larger inputs)")
     parser.add_argument("--actors", type=int, default=0,
-                        help="model replicas (0: one per GPU, else as many as the CPUs hold)")
+                        help="model replicas (0: one per GPU, else one per --threads CPUs)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per model replica on a CPU")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--address", default=None, help="the Ray cluster (default: as ray.init() finds one)")
