@@ -56,7 +56,8 @@ def verdict(answer: Answer, species: int) -> str:
     if not answer.is_waterbird:
         return f"probably not a waterbird (closest waterbirds: {', '.join(names)})"
     if not answer.species_known:
-        return f"a waterbird, but not one of the {species} species this model knows (closest: {', '.join(names)})"
+        return (f"a waterbird, species uncertain: the model cannot tell, and it may be one it was not taught "
+                f"(closest of the {species} it knows: {', '.join(names)})")
     return f"{names[0]}, confidence {answer.species_confidence:.0%}" + (f"; next: {', '.join(names[1:])}"
                                                                         if len(names) > 1 else "")
 

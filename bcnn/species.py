@@ -4,8 +4,8 @@ A classifier answers every photo with one of its species, also a photo of a spec
 largest logit among its answer classes (`species_score`) separates the two: photos of species the model knows
 reach higher logits than photos of species it does not (on the shared photos, for the embedded default, an AUROC
 of 0.91, the best of the scores compared in docs/model.md, "Species the model does not know"). Below the rule's
-threshold the answer is "a waterbird, but not a species this model knows", with the closest known species still
-listed as such.
+threshold the answer is "a waterbird, species uncertain": the model cannot tell which, and it may be one it was not
+taught (a low score is all it has, so the words claim no more), with the closest species it knows still listed as such.
 
 The confidence shown for a species is calibrated: `sigmoid(slope x score + intercept)` (Platt scaling), fitted on
 labelled photos, is the probability that the species named is the one in the photo.

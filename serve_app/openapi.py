@@ -114,9 +114,11 @@ OPENAPI: dict[str, Any] = {
                                         "description": "the probability the model's full softmax puts on the "
                                                        "species it answers with (all waterbird species it knows)"},
                     "species_known": {"type": "boolean",
-                                      "description": "a waterbird of a species the model knows; false for a "
-                                                     "waterbird it was not taught (predictions[0] is then only the "
-                                                     "closest species it knows) and for a photo that is not one"},
+                                      "description": "the model can tell which species this waterbird is; "
+                                                     "false where it cannot (a species it was not taught, or one "
+                                                     "it knows seen badly: predictions[0] is then only the "
+                                                     "closest species it knows) and for a photo that is not a "
+                                                     "waterbird"},
                     "species_confidence": {"type": "number", "minimum": 0, "maximum": 1,
                                            "description": "the probability, calibrated on labelled photos, that "
                                                           "predictions[0] is the species in the photo"},

@@ -32,8 +32,8 @@ def test_predict_says_when_the_species_is_not_one_it_knows(photos: list[Photo]) 
     result = _cli("predict", "--top-k", "2", str(kittiwake), str(stork))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == (f"{kittiwake}: a waterbird, but not one of the 23 species this model knows "
-                        "(closest: red-backed sandpiper, ruddy turnstone)")
+    assert lines[0] == (f"{kittiwake}: a waterbird, species uncertain: the model cannot tell, and it may be one it "
+                        "was not taught (closest of the 23 it knows: red-backed sandpiper, ruddy turnstone)")
     assert lines[1].startswith(f"{stork}: white stork, confidence ") and lines[1].endswith("; next: black stork")
     answer = json.loads(_cli("predict", "--json", str(kittiwake)).stdout)
     assert answer["is_waterbird"] is True and answer["species_known"] is False

@@ -24,7 +24,7 @@ from tests.service import Service, load_config
 pytestmark = [pytest.mark.chromium, pytest.mark.slow]
 
 PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True, "device_scale_factor": 2}
-SAVED = "document.querySelector('#offline-status').textContent.startsWith('Saved on this phone')"
+SAVED = "document.querySelector('#offline-status').textContent.startsWith('Saved on this device')"
 RESULT_READY = "document.querySelector('#busy').textContent.startsWith('Result ready')"
 MIN_TOP1_AGREEMENT = 0.97
 MAX_WATERBIRD_DISAGREEMENTS = 3
@@ -107,10 +107,10 @@ def test_saved_for_offline_the_page_opens_and_answers_with_no_network(phone, ser
     assert page.evaluate("navigator.serviceWorker.controller !== null")  # the page came from the service worker
     photo = mapped_photos[0]
     _classify_offline(page, photo.path)
-    assert page.locator("#answered-by").inner_text() == "On this phone"
+    assert page.locator("#answered-by").inner_text() == "On this device"
     assert page.locator("#species").inner_text() == photo.imagenet_label
     meta = page.locator("#meta").inner_text()
-    assert meta.startswith(f"Answered on this phone by model {offered['model']['name']}"), meta
+    assert meta.startswith(f"Answered on this device by model {offered['model']['name']}"), meta
     assert page.locator("#fewer-species").is_hidden()  # the phone has the service's own model
     page.screenshot(path=str(OUTPUT / "offline-3-answered-on-the-phone.png"), full_page=True)
 
@@ -251,7 +251,7 @@ def test_a_redeploy_replaces_the_saved_model(phone, service: Service, mapped_pho
         _classify_offline(page, photo.path)
         assert page.locator("#species").inner_text() == photo.imagenet_label
         assert page.locator("#fewer-species").inner_text().startswith(
-            "Answered by the model saved on this phone, which knows 23 species; the service's model knows 30.")
+            "Answered by the model saved on this device, which knows 23 species; the service's model knows 30.")
         page.screenshot(path=str(OUTPUT / "offline-4-fewer-species.png"), full_page=True)
     finally:
         page.context.set_offline(False)
@@ -281,7 +281,7 @@ def test_a_busy_service_is_answered_for_on_the_phone_until_its_own_answer_comes(
     page.route("**/classify*", first_refused)
     photo = mapped_photos[0]
     page.get_by_label("Take a photo with the camera").set_input_files(str(photo.path))
-    page.wait_for_function("document.querySelector('#answered-by').textContent === 'On this phone'", timeout=30_000)
+    page.wait_for_function("document.querySelector('#answered-by').textContent === 'On this device'", timeout=30_000)
     assert page.locator("#species").inner_text() == photo.imagenet_label
     assert len(sent) == 1  # the phone answered before the retry
     page.wait_for_function("document.querySelector('#answered-by').textContent === 'Server'", timeout=30_000)

@@ -42,6 +42,7 @@ def test_upload_shows_the_same_species_as_the_api(page, service: Service, mapped
         assert page.locator("#not-waterbird").is_hidden() and page.locator("#unknown-species").is_hidden()
         confidence = page.locator("#confidence").inner_text()
         assert confidence.startswith(f"Confidence {round(api['species_confidence'] * 100)}%"), confidence
+        assert page.locator("#result").inner_text().count("%") == 1  # one number per answer: the confidence
         meta = page.locator("#meta").inner_text()
         assert api["model"]["name"] in meta and api["model"]["version"] in meta and " ms" in meta
     page.screenshot(path=str(OUTPUT / "page-result.png"), full_page=True)
@@ -51,9 +52,10 @@ def test_a_waterbird_it_does_not_know_is_said_so_in_words(page, photos: list[Pho
     kittiwake = next(p for p in photos if p.path.name == "wb-002.jpg")  # a gull: none of the 23 species
     page.get_by_label("Drop a photo here or choose one").set_input_files(str(kittiwake.path))
     page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
-    assert page.locator("#species").inner_text() == "A waterbird the model does not know"
+    assert page.locator("#species").inner_text() == "A waterbird, species uncertain"
     assert page.locator("#unknown-species").inner_text() == (
-        "Looks like a waterbird, but not one of the 23 species this model knows. Closest: red-backed sandpiper.")
+        "The model cannot tell which species this is; it may be one it was not taught (it knows 23). "
+        "The closest species it knows: red-backed sandpiper.")
     assert page.locator("#confidence").is_hidden() and page.locator("#not-waterbird").is_hidden()
     assert page.locator("#bars li").count() == 5
     assert "%" not in page.locator("#result").inner_text()  # never a bare percentage for a species it does not know
@@ -84,7 +86,8 @@ def test_a_text_file_named_jpg_shows_the_error_in_words(page, tmp_path: Path) ->
     error = page.get_by_role("alert")
     error.wait_for(state="visible", timeout=60_000)
     text = error.inner_text()
-    assert "does not look like a photo we can read" in text and "request id" in text
+    assert "not an image we can read" in text and "request id" in text
+    assert text.count("we can read") == 1  # the service's message, said once
     assert page.locator("#result").is_hidden()
     page.screenshot(path=str(OUTPUT / "page-error.png"))
 
@@ -109,6 +112,9 @@ def test_keyboard_and_phone_viewport(phone, non_bird_photos: list[Path]) -> None
                            timeout=60_000)
     assert page.locator("#not-waterbird").is_visible()
     assert page.locator("#species").inner_text() == "Probably not a waterbird"
+    # The answer lands below the pickers and the preview: the page brings it into view.
+    assert page.evaluate("(() => { const r = document.querySelector('#species').getBoundingClientRect();"
+                         " return r.top >= 0 && r.bottom <= window.innerHeight; })()")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(OUTPUT / "page-phone.png"), full_page=True)
 
