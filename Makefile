@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints.txt
 # The stamp names a hash of pyproject.toml and the constraints: editing either re-installs, nothing else does.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: install web-runtime test test-long test-fast serve classify bench load lint constraints clean
+.PHONY: install web-runtime test test-long test-fast serve status classify bench load lint constraints clean
 
 install: $(STAMP) web-runtime
 
@@ -59,6 +59,11 @@ test-fast: install
 
 serve: install
 	$(PY) -m serve_app.run
+
+# Serve's view of the running service: `serve status` from this venv, sending the cluster's token as Ray's CLI
+# does only when told to.
+status: install
+	RAY_AUTH_MODE=token $(VENV)/bin/serve status
 
 # A whole collection: make classify PHOTOS=path/to/folder OUT=predictions.jsonl (run again to resume; batch/).
 PHOTOS ?= ../shared/waterbirds/photos

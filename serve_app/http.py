@@ -188,7 +188,8 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 
 async def read_upload(request: Request, config: IngressConfig) -> bytes:
-    """The image bytes from `multipart/form-data` field `file`, or from a raw `image/*` body."""
+    """The image bytes from `multipart/form-data` field `file`, or from a raw `image/*` or
+    `application/octet-stream` body."""
     limit = int(config.max_body_mb * 2**20)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -206,7 +207,7 @@ async def read_upload(request: Request, config: IngressConfig) -> bytes:
     except ClientDisconnect:
         raise UploadInterrupted("The upload was interrupted.") from None
     raise UnsupportedMediaType("Send the photo as multipart/form-data in a field named 'file', or as the raw request "
-                               "body with an image/* content type.")
+                               "body with an image/* or application/octet-stream content type.")
 
 
 async def _form_file(request: Request, limit: int) -> bytes:

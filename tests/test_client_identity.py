@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from serve_app.client_identity import ClientIdentity, haproxy_appends_forwarded_for, parse_networks
-from serve_app.haproxy import RULE, TemplateChanged, with_client_rule
+from serve_app.haproxy import RULE, TemplateChanged, with_client_rule, with_listeners_on_loopback
 
 NODE = "10.0.0.7"  # a node of the cluster, where Serve's HAProxy runs
 LOAD_BALANCER = "192.168.5.0/24"
@@ -73,3 +73,23 @@ def test_a_ray_whose_template_moved_the_frontend_fails_loudly() -> None:
         with_client_rule(RAY_FRONTEND.replace("frontend http_frontend", "frontend http_in"))
     with pytest.raises(TemplateChanged):
         with_client_rule(RAY_FRONTEND.replace("    bind 0.0.0.0:8000\n", ""))
+
+
+RAY_LISTENERS = """frontend prometheus
+    bind :9101
+    mode http
+frontend http_frontend
+    bind {host}:8000
+    log global
+listen stats
+  bind *:8404
+  stats enable
+"""
+
+
+def test_haproxys_own_listeners_follow_a_loopback_http_host_and_only_that() -> None:
+    local = with_listeners_on_loopback(with_client_rule(RAY_LISTENERS.format(host="127.0.0.1")))
+    assert "    bind 127.0.0.1:9101\n" in local and "  bind 127.0.0.1:8404\n" in local
+    assert "bind :" not in local and "bind *" not in local and RULE in local
+    node = RAY_LISTENERS.format(host="0.0.0.0")  # a cluster node: Prometheus scrapes it from elsewhere
+    assert with_listeners_on_loopback(node) == node

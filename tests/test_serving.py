@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from load.harness import deployment
 from load.loadgen import BackgroundLoad, Upload, run_load
+from serve_app.haproxy import bundled_haproxy
 from serve_app.run import DASHBOARD_URL
 from tests import images
 from tests.conftest import Photo
@@ -260,6 +262,22 @@ def test_ingress_replicas_never_load_torch(service: Service, photos: list[Photo]
     for process in ingresses:
         mapped = {Path(m.path).name for m in process.memory_maps() if m.path}
         assert not [name for name in mapped if "torch" in name], (process.pid, sorted(mapped))
+
+
+def test_haproxy_listens_on_loopback_only(service: Service) -> None:
+    """The local profile is for one machine: HAProxy's HTTP frontend and its own listeners (the stats page and the
+    Prometheus exporter, which Ray's template binds on every interface) listen on loopback only (docs/hardening.md
+    says what of Ray's own still listens elsewhere)."""
+    binary = bundled_haproxy()
+    if binary is None:
+        pytest.skip("ray[serve]'s bundled HAProxy is not installed")
+    haproxy = os.path.realpath(binary)
+    listening = {c.laddr for p in psutil.process_iter(["exe"]) if p.info["exe"] == haproxy
+                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert {port for _, port in listening} >= {8000, 8404, 9101}, listening
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert httpx.get("http://127.0.0.1:8404/stats", timeout=10).status_code == 200
+    assert httpx.get("http://127.0.0.1:9101/metrics", timeout=10).status_code == 200
 
 
 def test_preprocessors_decode_on_long_lived_threads(service: Service, photos: list[Photo]) -> None:
