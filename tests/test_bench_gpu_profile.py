@@ -27,7 +27,7 @@ def test_the_gpu_run_in_short(tmp_path: Path, photos: list) -> None:  # noqa: AR
     logs = {p.name: p.read_text()[-3000:] for p in tmp_path.glob("*.log")}
     assert run.returncode == 0, (run.stdout[-2000:], logs)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["steps"]) == {"correctness", "bare_model", "classifier", "node"}
+    assert set(summary["steps"]) == {"correctness", "bare_model", "classifier", "node", "collection"}
 
     check = json.loads((tmp_path / "gpu-check.json").read_text())
     assert check["passed"] and check["pipelined"]["passed"] and check["lite0_autocast"]["passed"], check
@@ -69,3 +69,7 @@ def test_the_gpu_run_in_short(tmp_path: Path, photos: list) -> None:  # noqa: AR
     assert "deployments/classifier.py" in (tmp_path / "node" / profile).read_text()  # stacks of the Classifier
     assert report["targets"]["only_200_and_503"] is True
     assert "| vgg16_64 | 8 |" in (tmp_path / "node.log").read_text()
+
+    collection = json.loads((tmp_path / "collection.json").read_text())
+    assert collection["classify_10x"]["photos"] == 160 and collection["bcnn_predict"]["photos"] == 8, collection
+    assert collection["speedup_10x"] > 0 and collection["memory_10x_over_1x"] > 0
