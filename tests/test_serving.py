@@ -264,22 +264,6 @@ def test_ingress_replicas_never_load_torch(service: Service, photos: list[Photo]
         assert not [name for name in mapped if "torch" in name], (process.pid, sorted(mapped))
 
 
-def test_haproxy_listens_on_loopback_only(service: Service) -> None:
-    """The local profile is for one machine: HAProxy's HTTP frontend and its own listeners (the stats page and the
-    Prometheus exporter, which Ray's template binds on every interface) listen on loopback only (docs/hardening.md
-    says what of Ray's own still listens elsewhere)."""
-    binary = bundled_haproxy()
-    if binary is None:
-        pytest.skip("ray[serve]'s bundled HAProxy is not installed")
-    haproxy = os.path.realpath(binary)
-    listening = {c.laddr for p in psutil.process_iter(["exe"]) if p.info["exe"] == haproxy
-                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
-    assert {port for _, port in listening} >= {8000, 8404, 9101}, listening
-    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
-    assert httpx.get("http://127.0.0.1:8404/stats", timeout=10).status_code == 200
-    assert httpx.get("http://127.0.0.1:9101/metrics", timeout=10).status_code == 200
-
-
 def test_preprocessors_decode_on_long_lived_threads(service: Service, photos: list[Photo]) -> None:
     """Serve runs a sync method on an anyio worker thread that ends with the request (on Serve's event loop),
     so a sync Preprocessor started and stopped a thread for nearly every batch, and most of its CPU went to
@@ -373,13 +357,22 @@ def _haproxy_config() -> str:
     return max(Path("/tmp/haproxy-serve").glob("*/haproxy.cfg"), key=lambda p: p.stat().st_mtime).read_text()
 
 
-def test_a_forged_x_forwarded_for_does_not_change_who_the_client_is(service: Service,
-                                                                    mapped_photos: list[Photo]) -> None:
+def test_waterbirds_haproxy_tells_clients_apart_and_listens_on_loopback_only(service: Service,
+                                                                             mapped_photos: list[Photo]) -> None:
     """A client's identity, for fair admission, is the address its connection came from as Serve's HAProxy saw it
     (appended to X-Forwarded-For by `waterbirds-haproxy`); an X-Forwarded-For the client sends itself is not
-    believed, whether it goes through HAProxy or straight to a replica's own port."""
+    believed, whether it goes through HAProxy or straight to a replica's own port. And the local profile being for
+    one machine, HAProxy's HTTP frontend and its own listeners (the stats page and the Prometheus exporter, which
+    Ray's template binds on every interface) listen on loopback only (docs/hardening.md)."""
     config = _haproxy_config()
     assert "http-request add-header X-Forwarded-For %[src]" in config
+    haproxy = os.path.realpath(bundled_haproxy() or "haproxy")
+    listening = {c.laddr for p in psutil.process_iter(["exe"]) if p.info["exe"] == haproxy
+                 for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert {port for _, port in listening} >= {8000, 8404, 9101}, listening
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert httpx.get("http://127.0.0.1:8404/stats", timeout=10).status_code == 200
+    assert httpx.get("http://127.0.0.1:9101/metrics", timeout=10).status_code == 200
     replica = next(line.split()[2] for line in config.splitlines() if line.strip().startswith("server SERVE_REPLICA_"))
     sent = {"through-haproxy": ("127.0.0.5", service.url), "straight-to-replica": ("127.0.0.6", f"http://{replica}")}
     for request_id, (source, url) in sent.items():
