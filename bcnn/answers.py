@@ -31,8 +31,9 @@ class Answer:
     waterbird_score: float
     species_known: bool
     """a waterbird of a species the model knows: False for a waterbird it was never taught (`bcnn.species`)"""
-    species_confidence: float
-    """the probability that `predictions[0]` is the species in the photo (calibrated where the model has a rule)"""
+    species_confidence: float | None
+    """the probability that `predictions[0]` is the species in the photo (calibrated where the model has a rule);
+    None where the model cannot tell the species (`species_known` false): it has no number to give then"""
     predictions: tuple[Prediction, ...]
 
     def to_dict(self) -> dict[str, object]:
@@ -71,5 +72,6 @@ class Ranked:
     def answer(self, row: int, labels: Sequence[str], top_k: int | None = None) -> Answer:
         predictions = tuple(Prediction(labels[i], round(s, 6), i) for s, i in
                             zip(self.scores[row, :top_k].tolist(), self.indices[row, :top_k].tolist(), strict=True))
-        return Answer(bool(self.is_waterbird[row]), round(float(self.waterbird_scores[row]), 6),
-                      bool(self.species_known[row]), round(float(self.species_confidence[row]), 6), predictions)
+        known = bool(self.species_known[row])
+        return Answer(bool(self.is_waterbird[row]), round(float(self.waterbird_scores[row]), 6), known,
+                      round(float(self.species_confidence[row]), 6) if known else None, predictions)

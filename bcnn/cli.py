@@ -84,7 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if species["photos"]["unknown_species"]:
         print(f"species it does not know: {species['photos']['unknown_species']} photos, "
               f"{species['unknown']['named_wrongly']:.1%} named wrongly "
-              f"({species['unknown']['waterbird_species_unknown']:.1%} answered 'a waterbird, species unknown', "
+              f"({species['unknown']['waterbird_species_unknown']:.1%} answered 'a waterbird, species uncertain', "
               f"{species['unknown']['not_a_waterbird']:.1%} 'not a waterbird'); AUROC known vs unknown "
               f"{species['auroc_known_vs_unknown']:.3f}")
     print(f"species it knows: {species['known']['named']:.1%} named ({species['known']['named_and_right']:.1%} "

@@ -16,7 +16,7 @@ from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.data import Split, load_split
 from bcnn.models import build_model, get_weights, prepare_for_inference
 from bcnn.predict import pick_device, rank_logits
-from bcnn.species import auroc, fit, platt, reliability, species_score
+from bcnn.species import ASSURANCE, KEEP_KNOWN, auroc, fit, platt, reliability, species_score, wilson
 from bcnn.train import predict_split
 from bcnn.weights import Weights
 
@@ -107,35 +107,42 @@ def species_figures(weights: Weights, logits: Tensor, truth: Tensor, out: Path, 
     untuned = rank_logits(logits, answer_index, top_k=1, threshold=waterbird_threshold)
     waterbird = untuned.is_waterbird
     right = known & (untuned.indices[:, 0] == truth.numpy())
-    threshold = species_threshold if species_threshold is not None else (
-        weights.species_rule.threshold if weights.species_rule else None)
-    fitted = fit(scores[waterbird], right[waterbird], threshold=threshold,
-                 fitted_on=f"{len(truth)} photos, {int(known.sum())} of species the model knows")
+    # The rule these photos support: fitted on the waterbird answers to photos of species the model knows.
+    taught = known & waterbird
+    fitted = fit(scores[taught], right[taught], threshold=species_threshold,
+                 fitted_on=f"{int(known.sum())} photos of species the model knows")
     (out / "species_rule.json").write_text(json.dumps(fitted.to_dict(), indent=2) + "\n")
     rule = weights.species_rule or fitted
+    threshold = species_threshold if species_threshold is not None else rule.threshold
     ranked = rank_logits(logits, answer_index, top_k=1, threshold=waterbird_threshold, rule=rule,
                          species_threshold=species_threshold)
     named = ranked.species_known  # answered with a species' name
     figures: dict[str, Any] = {
-        "rule": {**rule.to_dict(), "threshold": species_threshold if species_threshold is not None else rule.threshold},
+        "rule": {**rule.to_dict(), "threshold": threshold},
+        "fitted_here": {**fitted.to_dict(), "keep_known": KEEP_KNOWN, "assurance": ASSURANCE},
         "photos": {"known_species": int(known.sum()), "unknown_species": int((~known).sum())},
         "auroc_known_vs_unknown": round(auroc(scores, known), 4),
         "auroc_of_other_scores": {name: round(auroc(other, known), 4)
                                   for name, other in candidate_scores(logits, answer_index).items()},
-        "known": {"named": _share(named, known), "named_and_right": _share(named & right, known)},
+        "known": {"named": _share(named, known), "named_and_right": _share(named & right, known),
+                  "named_interval": wilson(int((named & known).sum()), int(known.sum()))},
         "unknown": {"named_wrongly": _share(named, ~known),
                     "waterbird_species_unknown": _share(ranked.is_waterbird & ~named, ~known),
-                    "not_a_waterbird": _share(~ranked.is_waterbird, ~known)},
+                    "not_a_waterbird": _share(~ranked.is_waterbird, ~known),
+                    "not_named_interval": wilson(int((~named & ~known).sum()), int((~known).sum()))},
     }
-    # Calibration over the waterbird answers: before, the share among the answer classes that the page showed;
-    # after, the rule's confidence; and each photo's confidence from a rule fitted without it (leave one out).
-    w_scores, w_right = scores[waterbird], right[waterbird]
-    held_out = np.array([_leave_one_out(w_scores, w_right, i) for i in range(len(w_scores))])
+    # Calibration over the answers judged known to photos of species the model knows, the confidence's question:
+    # before, the share among the answer classes that the page showed; after, the rule's confidence; and each
+    # photo's confidence from a rule fitted without it (leave one out).
+    judged = named & known
+    j_scores, j_right = scores[judged], right[judged]
+    held_out = np.array([_leave_one_out(j_scores, j_right, i) for i in range(len(j_scores))])
     figures["calibration"] = {
-        "answers": int(waterbird.sum()), "right": int(w_right.sum()),
-        "before": reliability(untuned.scores[waterbird, 0], w_right),
-        "after": reliability(ranked.species_confidence[waterbird], w_right),
-        "after_left_out": reliability(held_out, w_right),
+        "answers": int(judged.sum()), "right": int(j_right.sum()),
+        "right_interval": wilson(int(j_right.sum()), int(judged.sum())),
+        "before": reliability(untuned.scores[judged, 0], j_right),
+        "after": reliability(ranked.species_confidence[judged], j_right),
+        "after_left_out": reliability(held_out, j_right),
     }
     _plot_reliability(figures["calibration"], out / "reliability.png")
     return figures
@@ -179,9 +186,10 @@ def _plot_reliability(calibration: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("confidence shown")
     ax.set_ylabel("share of those answers that were right")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability: {calibration['answers']} waterbird answers, {calibration['right']} right", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylim(0, 1.05)  # a bin of answers all right sits on the top edge
+    ax.set_title(f"Reliability: {calibration['answers']} answers judged known, {calibration['right']} right\n"
+                 "(photos of species the model knows)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -188,9 +188,10 @@ def predict_split(model: ImageClassifier, split: Split, preprocess: Preprocess, 
 
 def validate(model: ImageClassifier, split: Split, preprocess: Preprocess, workers: int,
              device: torch.device) -> tuple[float, SpeciesRule | None]:
-    """Top-1 on the validation split, and the species rule it supports (`bcnn.species.fit`: the threshold keeps 95%
-    of the right answers, the confidence calibrated on them all). A split of known species cannot measure how many
-    unknown ones the threshold flags: `bcnn evaluate` with photos of other species can."""
+    """Top-1 on the validation split, and the species rule it supports (`bcnn.species.fit`: a threshold that keeps
+    at least 90% of known-species answers with 90% confidence, the confidence calibrated on the answers at or above
+    it). A split of known species cannot measure how many unknown ones the threshold flags: `bcnn evaluate` with
+    photos of other species can."""
     if not split.val:
         return 0.0, None
     logits, labels = predict_split(model, split, preprocess, workers, device)

@@ -23,7 +23,7 @@ class ClassifierConfig(_Strict):
     checkpoint: str = Field("default", description="'default' (embedded Lite0), a registry name, or a file path")
     classes_file: str | None = Field(None, description="class list for a 2019 service checkpoint")
     waterbird_threshold: float = Field(DEFAULT_WATERBIRD_THRESHOLD, ge=0.0, le=1.0)
-    # The model's own (its weights entry or checkpoint, `bcnn.species`) unless set: 8.0 for the embedded default.
+    # The model's own (its weights entry or checkpoint, `bcnn.species`) unless set: 7.87 for the embedded default.
     species_threshold: float | None = Field(None, description="largest answer-class logit below which a waterbird "
                                             "is answered as a species the model does not know; none: the model's")
     # On a CPU core 1-4 images per pass cost about the same per image (docs/performance.md, "Results"); a GPU

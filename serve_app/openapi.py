@@ -119,9 +119,11 @@ OPENAPI: dict[str, Any] = {
                                                      "it knows seen badly: predictions[0] is then only the "
                                                      "closest species it knows) and for a photo that is not a "
                                                      "waterbird"},
-                    "species_confidence": {"type": "number", "minimum": 0, "maximum": 1,
-                                           "description": "the probability, calibrated on labelled photos, that "
-                                                          "predictions[0] is the species in the photo"},
+                    "species_confidence": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
+                                           "description": "where species_known: the probability, calibrated on "
+                                                          "answers judged known to labelled photos of species the "
+                                                          "model knows, that predictions[0] is the species in the "
+                                                          "photo; null where species_known is false"},
                     "predictions": {"type": "array", "description": "the closest species the model knows, best "
                                     "first", "items": {
                         "type": "object", "required": ["label", "score"],

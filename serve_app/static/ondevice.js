@@ -86,7 +86,7 @@ export function answer(logits, meta, topK) {
     confidence = 1 / (1 + Math.exp(-(meta.speciesRule.slope * score + meta.speciesRule.intercept)));
   }
   return {
-    is_waterbird: isWaterbird, waterbird_score: mass, species_known: known, species_confidence: confidence,
+    is_waterbird: isWaterbird, waterbird_score: mass, species_known: known, species_confidence: known ? confidence : null,
     predictions: ranked.slice(0, topK).map((r) => ({ label: meta.labels[r.i], score: r.score })),
   };
 }
