@@ -30,7 +30,8 @@ class Answer:
     is_waterbird: bool
     waterbird_score: float
     species_known: bool
-    """a waterbird of a species the model knows: False for a waterbird it was never taught (`bcnn.species`)"""
+    """a waterbird whose species the model can tell: False where it cannot, as for one it was never taught
+    (`bcnn.species`)"""
     species_confidence: float | None
     """the probability that `predictions[0]` is the species in the photo (calibrated where the model has a rule);
     None where the model cannot tell the species (`species_known` false): it has no number to give then"""
