@@ -105,6 +105,17 @@ VALID_ODD = {  # uploads the service answers, each of a kind that decoders get w
     "bmp": (encode(gradient(), "BMP"), "image/bmp"),
 }
 
+CONTENT_TYPES_NAMED = ("multipart/form-data", "image/*", "application/octet-stream")
+"""What an error message may name with a slash in it: the content types the API takes."""
+
+
+def names_a_path(message: str) -> bool:
+    """Whether an error message holds a slash other than in a content type the API takes: a file path leaked."""
+    for content_type in CONTENT_TYPES_NAMED:
+        message = message.replace(content_type, "")
+    return "/" in message
+
+
 HOSTILE = {  # uploads refused, with their status
     "empty": (b"", "image/jpeg", 400),
     "text": (TEXT, "image/jpeg", 400),
