@@ -16,7 +16,17 @@ from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.data import Split, load_split
 from bcnn.models import build_model, get_weights, prepare_for_inference
 from bcnn.predict import pick_device, rank_logits
-from bcnn.species import ASSURANCE, KEEP_KNOWN, auroc, fit, platt, reliability, species_score, wilson
+from bcnn.species import (
+    ASSURANCE,
+    KEEP_KNOWN,
+    auroc,
+    auroc_interval,
+    fit,
+    platt,
+    reliability,
+    species_score,
+    wilson,
+)
 from bcnn.train import predict_split
 from bcnn.weights import Weights
 
@@ -122,8 +132,11 @@ def species_figures(weights: Weights, logits: Tensor, truth: Tensor, out: Path, 
         "fitted_here": {**fitted.to_dict(), "keep_known": KEEP_KNOWN, "assurance": ASSURANCE},
         "photos": {"known_species": int(known.sum()), "unknown_species": int((~known).sum())},
         "auroc_known_vs_unknown": round(auroc(scores, known), 4),
+        "auroc_interval": auroc_interval(scores, known),
         "auroc_of_other_scores": {name: round(auroc(other, known), 4)
                                   for name, other in candidate_scores(logits, answer_index).items()},
+        "auroc_intervals_of_other_scores": {name: auroc_interval(other, known)
+                                            for name, other in candidate_scores(logits, answer_index).items()},
         "known": {"named": _share(named, known), "named_and_right": _share(named & right, known),
                   "named_interval": wilson(int((named & known).sum()), int(known.sum()))},
         "unknown": {"named_wrongly": _share(named, ~known),

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from bcnn.species import SpeciesRule, auroc, fit, platt, reliability, species_score, tolerance_threshold, wilson
+from bcnn.species import (
+    SpeciesRule,
+    auroc,
+    auroc_interval,
+    fit,
+    platt,
+    reliability,
+    species_score,
+    tolerance_threshold,
+    wilson,
+)
 
 
 def test_the_score_is_the_largest_logit_among_the_answer_classes() -> None:
@@ -20,6 +30,17 @@ def test_auroc_counts_the_pairs_ordered_rightly() -> None:
     scores = np.array([0.9, 0.8, 0.4, 0.3, 0.8])
     positive = np.array([True, True, False, False, False])
     assert auroc(scores, positive) == pytest.approx((3 + 2.5) / 6)  # 0.8 against 0.8 counts half
+
+
+def test_the_aurocs_interval_holds_it_and_narrows_with_more_photos() -> None:
+    rng = np.random.default_rng(2)
+    def sample(n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.concatenate([rng.normal(1.5, 1, n_pos), rng.normal(0, 1, n_neg)])
+        return scores, np.arange(n_pos + n_neg) < n_pos
+    few, many = sample(10, 233), sample(400, 2000)
+    (low, high), (low_many, high_many) = auroc_interval(*few, resamples=500), auroc_interval(*many, resamples=200)
+    assert low <= auroc(*few) <= high and low_many <= auroc(*many) <= high_many
+    assert high - low > 3 * (high_many - low_many)
 
 
 def test_a_fitted_confidence_matches_how_often_answers_are_right() -> None:
