@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
 from load.loadgen import BackgroundLoad, Upload
-from serve_app.run import ray_running
+from serve_app.run import DASHBOARD_URL, cli, ray_running
 from tests.conftest import Photo
 from tests.service import ENV, REDIS_MISSING, ROOT, Service
 
@@ -112,3 +114,29 @@ def test_stopping_a_gpu_node_under_load_loses_no_request(cluster: Service, photo
         time.sleep(3)
     assert len(_replicas(cluster, "Classifier")) == 2
     assert httpx.get(cluster.url + "/healthz", timeout=30).status_code == 200
+
+
+def test_a_whole_collection_spreads_over_the_nodes(cluster: Service, photos: list[Photo], tmp_path: Path) -> None:
+    """`waterbirds-classify` on the cluster (docs/batch.md): with Serve shut down and the GPUs free, Ray's state API
+    shows its model actors' work on both GPU nodes and its decoding on the CPU node, and every photo has its record.
+    Last in the module: it shuts Serve down."""
+    subprocess.run([*cli("serve"), "shutdown", "-y", "--address", DASHBOARD_URL], env=ENV, check=True,
+                   capture_output=True, timeout=120)
+    out = tmp_path / "predictions.jsonl"
+    run = subprocess.run([sys.executable, "-m", "batch", str(photos[0].path.parent), "--out", str(out), "--address",
+                          "auto", "--batch-size", "16", "--no-progress"], env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == len(photos)
+
+    nodes = _nodes(cluster)
+    gpu_nodes = {i for i, n in nodes.items() if n["resources_total"].get("GPU", 0) >= 1}
+    [cpu_node] = [i for i, n in nodes.items() if n["resources_total"].get("cpu_node")]
+    tasks = cluster.dashboard("/api/v0/tasks?detail=1&limit=10000").json()["data"]["result"]["result"]
+
+    def worked_on(stage: str) -> set[str]:
+        return {t["node_id"] for t in tasks
+                if t["type"] == "ACTOR_TASK" and f"({stage})" in t["name"] and t["state"] == "FINISHED"}
+
+    assert worked_on("Classify") == gpu_nodes and len(gpu_nodes) == 2
+    assert worked_on("Decode") == {cpu_node}
