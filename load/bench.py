@@ -13,6 +13,8 @@
 7. fairness: 16 polite users with one greedy client of 400 connections, from one address and from 50, on the local
    profile (`load.fairness`);
 8. the Classifier alone against a simulated H200: how busy it keeps its device (`load.classifier_profile`);
+9. a whole collection: `waterbirds-classify` over 2,000 and 20,000 links to the photos against `bcnn predict`
+   (`load.collection`);
 
 then writes `load/results/<date>.json`, a plot beside it, and the results tables into docs/performance.md.
 """
@@ -35,7 +37,7 @@ from typing import Any
 import httpx
 import yaml
 
-from load import classifier_profile, fairness, harness, overload, serving_cost
+from load import classifier_profile, collection, fairness, harness, overload, serving_cost
 from load.inprocess import measure
 from load.loadgen import Upload, load_uploads, run_load
 
@@ -45,6 +47,7 @@ COST_MARKERS = ("<!-- bench-cost:start -->", "<!-- bench-cost:end -->")
 OVERLOAD_MARKERS = ("<!-- bench-overload:start -->", "<!-- bench-overload:end -->")
 FAIRNESS_MARKERS = ("<!-- bench-fairness:start -->", "<!-- bench-fairness:end -->")
 CLASSIFIER_MARKERS = ("<!-- bench-classifier:start -->", "<!-- bench-classifier:end -->")
+COLLECTION_MARKERS = ("<!-- bench-collection:start -->", "<!-- bench-collection:end -->")
 
 
 def _serving_overhead(url: str, uploads: list[Upload], requests: int = 100) -> dict[str, float]:
@@ -181,6 +184,8 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
     classifier = classifier_profile.run(classifier_profile.Settings(simulate=True))
     print(f"  {classifier['images_per_s']} of the device's {classifier['device_limit_images_per_s']} images/s "
           f"(busy {classifier['device_busy']})", flush=True)
+    print("a whole collection: waterbirds-classify against bcnn predict:", flush=True)
+    whole = collection.measure(2000, 300, "default")
     limit = (before["best"]["images_per_s"] + after["best"]["images_per_s"]) / 2
     single_ms = (before["single"]["latency_ms_p50"] + after["single"]["latency_ms_p50"]) / 2
     ours, ceiling, overhead, paired = service["ours"], service["ceiling"], service["overhead"], service["paired"]
@@ -218,6 +223,7 @@ def run(seconds: float, users: tuple[int, ...], workers: int, node: serving_cost
         "overload": storms,
         "fairness": fair,
         "classifier_alone": classifier,
+        "collection": whole,
     }
 
 
@@ -348,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.replace_doc_section((BENCH_START, BENCH_END), f"{text}\n\n![Benchmark](../load/results/{stem}.png)")
         harness.replace_doc_section(COST_MARKERS, cost)
         harness.replace_doc_section(CLASSIFIER_MARKERS, classifier_section(report))
+        harness.replace_doc_section(COLLECTION_MARKERS, collection.section(report["collection"]))
         harness.replace_doc_section(OVERLOAD_MARKERS, overload.section(report["overload"], report["date"],
                                                                report["machine"]["cpus"]))
         harness.replace_doc_section(FAIRNESS_MARKERS, fairness.section(report["fairness"], report["date"],

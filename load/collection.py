@@ -108,6 +108,23 @@ def measure(photos: int, predict_photos: int, checkpoint: str) -> dict[str, Any]
     return report
 
 
+def section(report: dict[str, Any]) -> str:
+    """The markdown `make bench` writes into docs/performance.md, "Whole collections"."""
+    rows = [("`bcnn predict`", report["bcnn_predict"]), ("`waterbirds-classify`", report["classify"]),
+            ("`waterbirds-classify`, ten times the photos", report["classify_10x"])]
+    lines = [f"`python -m load.collection` ({report['date']}, {report['machine_cpus']} CPUs, the embedded default; "
+             "`make bench` writes this anew):", "",
+             "| run | photos | seconds | photos/s | of which classifying | peak memory |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, run in rows:
+        classifying = f"{run['classifying_photos_per_s']} photos/s" if "classifying_photos_per_s" in run else ""
+        lines.append(f"| {name} | {run['photos']:,} | {run['seconds']} | {run['photos_per_s']} | {classifying} | "
+                     f"{run['peak_rss_mb']:,.0f} MB |")
+    lines += ["", f"Ten times the photos against `bcnn predict`: {report['speedup_10x']}x; memory at ten times the "
+              f"photos: {report['memory_10x_over_1x']}x."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=2000)
