@@ -16,17 +16,7 @@ from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.data import Split, load_split
 from bcnn.models import build_model, get_weights, prepare_for_inference
 from bcnn.predict import pick_device, rank_logits
-from bcnn.species import (
-    ASSURANCE,
-    KEEP_KNOWN,
-    auroc,
-    auroc_interval,
-    fit,
-    platt,
-    reliability,
-    species_score,
-    wilson,
-)
+from bcnn.species import ASSURANCE, KEEP_KNOWN, auroc, auroc_interval, fit, platt, reliability, species_score, wilson
 from bcnn.train import predict_split
 from bcnn.weights import Weights
 
