@@ -72,7 +72,7 @@ classify: install
 	$(VENV)/bin/waterbirds-classify $(PHOTOS) --out $(OUT)
 
 bench: install
-	$(PY) -m load.bench
+	$(PY) -m load bench --docs
 
 USERS ?= 64
 SECONDS ?= 60

@@ -4,27 +4,31 @@ photos per second, and the memory of every process of the run at a collection an
 The shared photos are linked over and over into a folder of `--photos` files (and of ten times as many); each command
 runs alone on the machine, in a process of its own; memory is the largest sum of resident memory over the command's
 processes and Ray's, sampled every half second.
-
-    python -m load.collection [--photos 2000] [--predict-photos 300] [--out FILE]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from load.cpu_watch import role_of
-from load.harness import PHOTOS, ROOT
+from load.runner import PHOTOS, ROOT
+
+
+@dataclass(frozen=True)
+class Settings:
+    photos: int = 2000
+    predict_photos: int = 300  # bcnn predict's share (it is slow)
+    checkpoint: str = "default"
 
 
 def replicate(folder: Path, count: int) -> Path:
@@ -87,13 +91,14 @@ def waterbirds_classify(folder: Path, out: Path, extra: list[str]) -> dict[str, 
             "classifying_seconds": work_s, "classifying_photos_per_s": rate, "peak_rss_mb": peak}
 
 
-def measure(photos: int, predict_photos: int, checkpoint: str) -> dict[str, Any]:
+def run(s: Settings) -> dict[str, Any]:
+    photos, predict_photos, checkpoint = s.photos, s.predict_photos, s.checkpoint
     extra = ["--checkpoint", checkpoint]
     with tempfile.TemporaryDirectory(prefix="collection-") as tmp:
         small = replicate(Path(tmp) / "small", photos)
         large = replicate(Path(tmp) / "large", photos * 10)
-        report: dict[str, Any] = {"machine_cpus": psutil.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%MZ",
-                                                                                            time.gmtime())}
+        report: dict[str, Any] = {"machine_cpus": psutil.cpu_count(), "checkpoint": checkpoint,
+                                  "date": time.strftime("%Y-%m-%d %H:%MZ", time.gmtime())}
         report["bcnn_predict"] = bcnn_predict(small, predict_photos, checkpoint)
         # One photo at a time, so its time grows linearly after its start-up, which one photo's run measures: its
         # time for any number of photos follows, to compare runs of the same size.
@@ -107,10 +112,10 @@ def measure(photos: int, predict_photos: int, checkpoint: str) -> dict[str, Any]
         report["classify_10x"] = waterbirds_classify(large, Path(tmp) / "large.jsonl", extra)
         print("waterbirds-classify, 10x:", report["classify_10x"], flush=True)
     predict = report["bcnn_predict"]
-    for run in ("classify", "classify_10x"):  # against bcnn predict over as many photos, start-up included in both
-        photos = report[run]["photos"]
-        predict_rate = photos / (predict["start_up_seconds"] + photos / predict["steady_photos_per_s"])
-        report[f"speedup{run.removeprefix('classify')}"] = round(report[run]["photos_per_s"] / predict_rate, 2)
+    for key in ("classify", "classify_10x"):  # against bcnn predict over as many photos, start-up included in both
+        count = report[key]["photos"]
+        predict_rate = count / (predict["start_up_seconds"] + count / predict["steady_photos_per_s"])
+        report[f"speedup{key.removeprefix('classify')}"] = round(report[key]["photos_per_s"] / predict_rate, 2)
     report["speedup_classifying"] = round(report["classify_10x"]["classifying_photos_per_s"]
                                           / predict["steady_photos_per_s"], 2)
     report["memory_10x_over_1x"] = round(report["classify_10x"]["peak_rss_mb"] / report["classify"]["peak_rss_mb"],
@@ -118,41 +123,22 @@ def measure(photos: int, predict_photos: int, checkpoint: str) -> dict[str, Any]
     return report
 
 
-def section(report: dict[str, Any]) -> str:
-    """The markdown `make bench` writes into docs/performance.md, "Whole collections"."""
+def sections(report: dict[str, Any]) -> dict[str, str]:
     rows = [("`bcnn predict`", report["bcnn_predict"]), ("`waterbirds-classify`", report["classify"]),
             ("`waterbirds-classify`, ten times the photos", report["classify_10x"])]
-    lines = [f"`python -m load.collection` ({report['date']}, {report['machine_cpus']} CPUs, the embedded default; "
+    lines = [f"`python -m load collection` ({report['date']}, {report['machine_cpus']} CPUs, the embedded default; "
              "`make bench` writes this anew):", "",
              "| run | photos | seconds | photos/s | of which classifying | peak memory |",
              "| --- | --- | --- | --- | --- | --- |"]
-    for name, run in rows:
-        classifying = f"{run['classifying_photos_per_s']} photos/s" if "classifying_photos_per_s" in run else ""
-        lines.append(f"| {name} | {run['photos']:,} | {run['seconds']} | {run['photos_per_s']} | {classifying} | "
-                     f"{run['peak_rss_mb']:,.0f} MB |")
+    for name, r in rows:
+        classifying = f"{r['classifying_photos_per_s']} photos/s" if "classifying_photos_per_s" in r else ""
+        lines.append(f"| {name} | {r['photos']:,} | {r['seconds']} | {r['photos_per_s']} | {classifying} | "
+                     f"{r['peak_rss_mb']:,.0f} MB |")
     lines += ["", f"Against `bcnn predict` over as many photos, start-up included in both (its start-up "
               f"{report['bcnn_predict']['start_up_seconds']} s and {report['bcnn_predict']['steady_photos_per_s']} "
               f"photos/s after it): {report['speedup']}x at {report['classify']['photos']:,} photos, "
               f"{report['speedup_10x']}x at {report['classify_10x']['photos']:,}; classifying against its steady "
               f"rate: {report['speedup_classifying']}x. Memory at ten times the photos: "
               f"{report['memory_10x_over_1x']}x."]
-    return "\n".join(lines)
+    return {"bench-collection": "\n".join(lines)}
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=2000)
-    parser.add_argument("--predict-photos", type=int, default=300, help="bcnn predict's share (it is slow)")
-    parser.add_argument("--checkpoint", default="default")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    report = measure(args.photos, args.predict_photos, args.checkpoint)
-    report["checkpoint"] = args.checkpoint
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

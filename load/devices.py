@@ -196,7 +196,7 @@ def build_app(args: BenchAppArgs) -> Application:
 def on_device(config: dict[str, Any], device: BenchBackend = BenchBackend()) -> dict[str, Any]:  # noqa: B008
     """A copy of the serve config `config` whose application serves with `device` (default: the forward pass
     skipped) in place of the model's forward pass. Its replicas import this module, so the Ray cluster must have the
-    repository on its PYTHONPATH (`load.harness.serve_env`, `tests/service.py`)."""
+    repository on its PYTHONPATH (`load.runner.serve_env`, `tests/service.py`)."""
     config = copy.deepcopy(config)
     [app] = config["applications"]
     app["import_path"] = "load.devices:build_app"

@@ -12,19 +12,17 @@
 5. **Copies overlap kernels** (CUDA): a torch.profiler trace of batches in flight, and the share of the host-to-device
    copies' time during which a kernel ran on another stream.
 
-On a CPU, 1-3 run as they can there (a launch computes at once) and 4-5 say they need a GPU.
-
-    python -m load.gpu_check --out DIR [--short]
+On a CPU, 1-3 run as they can there (a launch computes at once) and 4-5 say they need a GPU. `--short`: a
+VGG16-BCNN at 64x64, a few rounds, seconds on a CPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,8 @@ from bcnn.export import LOGIT_TOLERANCE
 from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from bcnn.weights import Weights
+from load.bare_model import random_bcnn_checkpoint
+from load.runner import PHOTOS
 
 SIZES = (3, 17, 64, 5, 33, 1, 48, 9, 64, 2, 27, 40)
 SHORT_SIZES = (3, 1, 4, 2)
@@ -183,42 +183,28 @@ def _covered(start: float, end: float, intervals: list[tuple[float, float]]) -> 
     return covered
 
 
-def run(out: Path, *, short: bool) -> dict[str, Any]:
-    from load.checkpoints import random_bcnn_checkpoint
+@dataclass(frozen=True)
+class Settings:
+    short: bool = False
+    trace_dir: str = "."  # where the CUDA profiler's trace goes
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def run(s: Settings) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the references are float32
-    side, sizes = (64, SHORT_SIZES) if short else (448, SIZES)
-    checkpoint = random_bcnn_checkpoint(out / "vgg16-bcnn.pt", num_classes=200, input_size=side)
-    weights = get_weights(str(checkpoint))
-    photos = Path(os.environ.get("WATERBIRD_PHOTOS", Path(__file__).resolve().parents[2] / "shared" / "waterbirds"
-                                 / "photos"))
+    side, sizes = (64, SHORT_SIZES) if s.short else (448, SIZES)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = get_weights(str(random_bcnn_checkpoint(Path(tmp) / "vgg16-bcnn.pt", num_classes=200,
+                                                         input_size=side)))
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "model": f"vgg16-bcnn {side}"}
-    report["pipelined"] = pipelined_against_synchronous(weights, device, 8 if short else 40, sizes)
-    report["lite0_autocast"] = finite_under_autocast(device, photos, 8 if short else 64)
+    report["pipelined"] = pipelined_against_synchronous(weights, device, 8 if s.short else 40, sizes)
+    report["lite0_autocast"] = finite_under_autocast(device, PHOTOS, 8 if s.short else 64)
     report["first_passes"] = first_passes(weights, device, max(sizes))
     needs_gpu = {"skipped": "needs a CUDA GPU"}
     report["out_of_memory"] = out_of_memory(weights, device, max(sizes)) if device.type == "cuda" else needs_gpu
-    report["overlap"] = (copies_overlap_kernels(weights, device, out, max(sizes)) if device.type == "cuda"
-                         else needs_gpu)
+    report["overlap"] = (copies_overlap_kernels(weights, device, Path(s.trace_dir), max(sizes))
+                         if device.type == "cuda" else needs_gpu)
     report["passed"] = all(report[k].get("passed", True) for k in ("pipelined", "lite0_autocast", "out_of_memory"))
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=2) + "\n")
-    checkpoint.unlink()
+    print("correct" if report["passed"] else "NOT CORRECT: the GPU path gives wrong answers", flush=True)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--short", action="store_true", help="a VGG16-BCNN at 64x64, a few rounds: seconds on a CPU")
-    args = parser.parse_args(argv)
-    report = run(args.out, short=args.short)
-    print(json.dumps({k: v for k, v in report.items() if k != "first_passes"}, indent=1))
-    print("correct" if report["passed"] else "NOT CORRECT: the GPU path gives wrong answers; see gpu-check.json")
-    return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

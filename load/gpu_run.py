@@ -1,14 +1,14 @@
 """The whole GPU measurement in one run, for a lent GPU machine (at most 8 minutes there; everything under `--out`):
 
-0. the GPU path's correctness (`load.gpu_check`): pipelined batches against synchronous ones while staging slots are
-   made and a model is swapped, finite logits under autocast, first passes after warm-up, out-of-memory, copies
-   overlapping kernels. If it fails, nothing is measured: speeds of wrong answers mean nothing;
-1. the bare VGG16-BCNN at 448 per batch size for each forward-pass variant (`load.bare_model`), each checked against
+0. the GPU path's correctness (`python -m load gpu-check`): pipelined batches against synchronous ones while staging
+   slots are made and a model is swapped, finite logits under autocast, first passes after warm-up, out-of-memory,
+   copies overlapping kernels. If it fails, nothing is measured: speeds of wrong answers mean nothing;
+1. the bare VGG16-BCNN at 448 per batch size for each forward-pass variant (`load.variants`), each checked against
    the eager float32 model, with its build time;
-2. the Classifier alone with the real GPU (`load.classifier_profile`): images/s against the bare model's rate at the
+2. the Classifier alone with the real GPU (`load.classifier`): images/s against the bare model's rate at the
    batch sizes it was given, and its CPU per image;
 3. the full node with the production file at 64, 256 and 1,024 users, then the 2019 design at the same points
-   (`load.gpu_profile`), loaded by `wrk`, with the GPU's busy fraction, the replica counts, and py-spy's profile of
+   (`load.gpu`), loaded by `wrk`, with the GPU's busy fraction, the replica counts, and py-spy's profile of
    the Classifier at 256 users;
 4. a whole collection (`load.collection`): `waterbirds-classify` over 2,000 and 20,000 links to the photos against
    `bcnn predict`, with the same checkpoint, where Ray Data is installed (the GPU kit may lack its pyarrow);
@@ -61,18 +61,20 @@ def steps(out: Path, checkpoint: Path, short: bool) -> list[tuple[str, list[str]
                 "eager,cudnn_benchmark,cuda_graphs,onnxruntime_cuda,tensorrt"]
         classifier = ["--seconds", "15", "--warmup", "5"]
         py_spy = "256"
-    node = [*python, "load.bench", "--profile", "gpu", "--models", f"vgg16_{size}", "--vgg-size", size,
-            "--batch-sizes", "32,64,128" if not short else "1,2", "--no-readme", *gpu_args, *timing]
-    bare_model = [*python, "load.bare_model", "--checkpoint", str(checkpoint)]
-    collection = [*python, "load.collection", "--checkpoint", str(checkpoint), "--out", str(out / "collection.json"),
+    node = [*python, "load", "gpu", "--models", f"vgg16_{size}", "--vgg-size", size,
+            "--batch-sizes", "32,64,128" if not short else "1,2", *gpu_args, *timing]
+    bare_model = [*python, "load", "variants", "--checkpoint", str(checkpoint)]
+    collection = [*python, "load", "collection", "--checkpoint", str(checkpoint), "--out", str(out / "collection.json"),
                   *(["--photos", "16", "--predict-photos", "8"] if short else ["--photos", "2000",
                                                                                "--predict-photos", "300"])]
     return [
-        ("correctness", [*python, "load.gpu_check", *(["--short"] if short else []), "--out", str(out)], 60),
+        ("correctness", [*python, "load", "gpu-check", *(["--short"] if short else []), "--trace-dir", str(out),
+                         "--out", str(out / "gpu-check.json")], 60),
         ("bare_model", [*bare_model, *bare, "--out", str(out / "bare_model.json")], 60),
-        ("classifier", [*python, "load.bench", "--profile", "classifier", *classifier,
+        ("classifier", [*python, "load", "classifier", *classifier,
                         "--out", str(out / "classifier.json")], 60),
-        ("node", [*node, "--users", users, "--py-spy-users", py_spy, "--out", str(out / "node")], 150),
+        ("node", [*node, "--users", users, "--py-spy-users", py_spy, "--py-spy-dir", str(out / "node"),
+                  "--out", str(out / "node" / "gpu.json")], 150),
         ("collection", collection, 120),
         # Last, with what time is left: torch.compile may take minutes to build; the same code as `node` but for
         # the Classifier's share of a GPU. The short form leaves both out.
@@ -80,12 +82,12 @@ def steps(out: Path, checkpoint: Path, short: bool) -> list[tuple[str, list[str]
             ("bare_model_compile", [*bare_model, "--seconds", "2", "--batch-sizes", "32,64,128", "--variants",
                                     "compile", "--out", str(out / "bare_model_compile.json")], 90),
             ("node_two_classifiers", [*node, "--users", "256", "--classifiers-per-gpu", "2",
-                                      "--out", str(out / "node-two-classifiers")], 120)]),
+                                      "--out", str(out / "node-two-classifiers" / "gpu.json")], 120)]),
     ]
 
 
 def run(out: Path, *, short: bool, budget_s: float) -> dict[str, Any]:
-    from load.checkpoints import random_bcnn_checkpoint
+    from load.bare_model import random_bcnn_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()

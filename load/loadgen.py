@@ -1,20 +1,28 @@
 """Closed-loop HTTP load: N users, each sending its next upload as soon as the last one is answered.
 
-One asyncio process with aiohttp, so the client takes little of a small machine's CPU away from the server it
-measures. Used by the benchmark and by the tests that need traffic in flight (redeploys, overload, crashes).
+Two generators with one summary shape: `run_load`, one asyncio process with aiohttp (little of a small machine's CPU
+taken from the server it measures; the tests use it for traffic in flight during redeploys, overload and crashes),
+and `wrk` (Debian's package, compiled), for rates where one Python process on the node's own cores would itself be
+the limit (near 1,000 req/s on a 16-core GPU node).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import resource
+import shutil
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -84,9 +92,13 @@ class LoadResult:
         }
 
 
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
+WRK_SCRIPT = Path(__file__).with_name("wrk_post.lua")
+
+
 def load_uploads(folder: str | Path, *, limit: int | None = None, raw_every: int = 0) -> list[Upload]:
     """Photos from a folder; every `raw_every`-th is sent as a raw body instead of multipart."""
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:limit]
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)[:limit]
     return [Upload(p.name, p.read_bytes(), multipart=not (raw_every and i % raw_every == 0))
             for i, p in enumerate(paths, 1)]
 
@@ -177,3 +189,45 @@ class BackgroundLoad:
         self._thread.join(timeout=180)
         assert self.result is not None, "the load did not finish"
         return self.result
+
+
+def wrk(url: str, photos: Path, *, users: int, seconds: float, threads: int = 2, field_name: str = "file",
+        timeout_s: float = 120) -> dict[str, Any]:
+    """`users` wrk connections on `threads` threads for `seconds`, each posting the photos of a folder as multipart
+    uploads one after another (`load/wrk_post.lua`), as `run_load`'s users do."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (Debian: apt-get install wrk; the GPU kit carries it)")
+    paths = sorted(str(p.resolve()) for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as manifest:
+        manifest.write("\n".join(paths) + "\n")
+        manifest.flush()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(["wrk", f"-t{min(threads, users)}", f"-c{users}", f"-d{max(1, round(seconds))}s",
+                               f"--timeout={timeout_s:g}s", "-s", str(WRK_SCRIPT), url, "--", manifest.name,
+                               field_name], capture_output=True, text=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no result: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    return wrk_summary(json.loads(line.removeprefix("WRK_JSON ")), users=users,
+                       cpu_s=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+
+
+def wrk_summary(raw: dict[str, Any], *, users: int, cpu_s: float) -> dict[str, Any]:
+    """wrk's figures in `LoadResult.summary()`'s shape, with its own CPU: connections that got no answer count under
+    status 0."""
+    seconds = raw["duration_us"] / 1e6
+    statuses = {str(k): v for k, v in sorted(raw["statuses"].items(), key=lambda kv: int(kv[0]))}
+    if lost := sum(raw["errors"].values()):
+        statuses["0"] = lost
+    ok, latency = statuses.get("200", 0), raw["latency_us"]
+    return {
+        "users": users, "seconds": round(seconds, 2), "requests": sum(statuses.values()), "ok": ok,
+        "overloaded_503": statuses.get("503", 0), "failed": sum(statuses.values()) - ok - statuses.get("503", 0),
+        "statuses": statuses, "throughput_rps": round(ok / seconds, 2) if seconds else 0.0,
+        # wrk's latency is over every answer; in a run where all are 200, as the GPU points are, that is the same.
+        "latency_ms_p50": round(latency["p50"] / 1000, 1), "latency_ms_p90": round(latency["p90"] / 1000, 1),
+        "latency_ms_p99": round(latency["p99"] / 1000, 1), "latency_ms_mean": round(latency["mean"] / 1000, 1),
+        "generator": "wrk", "generator_cpu_cores": round(cpu_s / seconds, 3) if seconds else None,
+        "generator_cpu_ms_per_request": round(cpu_s * 1000 / max(raw["requests"], 1), 4),
+    }

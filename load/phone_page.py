@@ -6,17 +6,16 @@
 - `quantization`: the phone's model quantized by ONNX Runtime (dynamic, uint8 weights) against the float32 one:
   size, top-1 and `is_waterbird` agreement.
 
-    python -m load.phone_page --url http://127.0.0.1:8000 --out load/results/offline-2026-12-03
+`--url`: the running service the shrink measure uses; `--only`: one of the two.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
-import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from load.harness import PHOTOS
+from load.runner import PHOTOS, SERVICE_URL
 
 PHONE_SIDE = 4032
 SHRINK = """async ([shell, data, maxSide, quality]) => {
@@ -118,25 +117,16 @@ def quantization(photos: list[Path]) -> dict[str, Any]:
             "top1_agreement": same_top1 / len(photos), "is_waterbird_agreement": same_waterbird / len(photos)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="a running service (for shrink)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--only", choices=("shrink", "quantization"))
-    parser.add_argument("--max-side", type=int, help="shrink to this longer side instead of the page's")
-    parser.add_argument("--quality", type=float, help="JPEG quality (0-1) instead of the page's")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Settings:
+    url: str = SERVICE_URL  # a running service (for shrink)
+    only: str = ""  # shrink or quantization; empty: both
+    max_side: int = 0  # shrink to this longer side instead of the page's
+    quality: float = 0.0  # JPEG quality (0-1) instead of the page's
+
+
+def run(s: Settings) -> dict[str, Any]:
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    measures = {"shrink": lambda: shrink(args.url, photos, args.max_side, args.quality),
+    measures = {"shrink": lambda: shrink(s.url, photos, s.max_side or None, s.quality or None),
                 "quantization": lambda: quantization(photos)}
-    for name, measure in measures.items():
-        if args.only in (None, name):
-            result = measure()
-            (args.out / f"{name}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-            print(name, json.dumps({k: v for k, v in result.items() if k != "disagreements"}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return {name: measure() for name, measure in measures.items() if s.only in ("", name)}

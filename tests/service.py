@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import yaml
 
-from load import harness
-from load.harness import deployment
+from load import runner
+from load.runner import deployment
 from serve_app.run import DASHBOARD_URL, cli, dashboard_headers, ray_running, stop_ray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ LOGS = Path("/tmp/ray/session_latest/logs/serve")
 # than production: Serve stops an old ingress replica before its replacement runs, and the 30 s usually cover the
 # replacement's start, so here an upload can wait through a gap that production would not have. (`serve_env` puts
 # the repository on the PYTHONPATH: replicas of the tests' bench devices import `load.devices`, not installed.)
-ENV = {**harness.serve_env(), "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+ENV = {**runner.serve_env(), "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
@@ -57,7 +57,7 @@ class Service:
         return httpx.get(DASHBOARD_URL + path, headers=dashboard_headers(), timeout=30)
 
     def deploy(self, config: dict[str, Any], *, wait: bool = True) -> None:
-        harness.serve_deploy(config, ENV)
+        runner.serve_deploy(config, ENV)
         if wait:
             self.wait_running()
 
@@ -65,11 +65,11 @@ class Service:
         return yaml.safe_load(run([*cli("serve"), "status"]).stdout)
 
     def wait_running(self, timeout_s: float = 240) -> None:
-        harness.wait_healthy(self.url, timeout_s)
+        runner.wait_healthy(self.url, timeout_s)
 
     def running_replicas(self, deployment_name: str) -> set[str]:
         """Replica ids of a deployment's RUNNING replicas, as the dashboard sees them."""
-        app = harness.application()
+        app = runner.application()
         return {r["replica_id"] for r in app["deployments"][deployment_name]["replicas"] if r["state"] == "RUNNING"}
 
     def replica_logs(self, deployment_name: str) -> dict[str, list[dict[str, Any]]]:

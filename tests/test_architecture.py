@@ -65,3 +65,15 @@ def test_no_import_circle() -> None:
         TopologicalSorter(graph).prepare()
     except CycleError as e:
         raise AssertionError(f"an import circle: {' -> '.join(e.args[1])}") from None
+
+
+def test_no_measurement_imports_another() -> None:
+    """Each scenario of `python -m load` builds on the runner and the shared tools (load generators, CPU by role,
+    the bare model's timing, the benchmark devices), never on another scenario: `make bench`'s list is
+    load/__main__.py's alone."""
+    from load.__main__ import SCENARIOS
+
+    scenarios = set(SCENARIOS.values()) - {"load.__main__"}
+    graph = _module_graph()
+    assert scenarios < graph.keys() and graph["load.service"]
+    assert not {module: graph[module] & scenarios for module in graph if graph[module] & scenarios}

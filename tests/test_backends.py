@@ -22,7 +22,7 @@ from bcnn.predict import Predictor, rank_logits
 from bcnn.preprocess import load_image, preprocess_image
 from bcnn.species import SpeciesRule
 from bcnn.train import TrainConfig, build_for_training
-from load.checkpoints import random_bcnn_checkpoint
+from load.bare_model import random_bcnn_checkpoint
 from tests.conftest import Photo
 
 

@@ -44,10 +44,9 @@ def test_the_gpu_run_in_short(tmp_path: Path, photos: list) -> None:  # noqa: AR
     assert classifier["device_busy"] >= 0.9, classifier
     assert classifier["images_per_s"] >= 0.9 * classifier["device_limit_images_per_s"], classifier
     assert 0 < classifier["classifier_cpu_ms_per_image"] and classifier["driver_cpu_cores"] < 1
-    last_line = (tmp_path / "classifier.log").read_text().strip().splitlines()[-1]
-    assert json.loads(last_line) == classifier  # the profile's last line is its report
+    assert f"| {classifier['images_per_s']:,} |" in (tmp_path / "classifier.log").read_text()  # its section
 
-    [result] = (tmp_path / "node").glob("gpu-*.json")
+    result = tmp_path / "node" / "gpu.json"
     assert result.with_suffix(".png").stat().st_size > 10_000
     report = json.loads(result.read_text())
     assert report["models"] == ["vgg16_64"] and report["machine"]["gpus"] == 1

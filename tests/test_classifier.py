@@ -19,7 +19,7 @@ from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from deployments.classifier import BATCHES_IN_FLIGHT, Classifier
 from deployments.device_watch import DeviceWatch
-from load.checkpoints import random_bcnn_checkpoint
+from load.bare_model import random_bcnn_checkpoint
 from load.devices import DeviceTiming, SimulatedDevice
 
 SIDE = 32

@@ -14,8 +14,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
 
-from load.harness import deployment
 from load.loadgen import Upload, run_load
+from load.runner import deployment
 from serve_app.openapi import OPENAPI
 from tests import images
 from tests.conftest import Photo
@@ -217,9 +217,9 @@ def test_one_greedy_client_cannot_take_the_service_from_polite_users(
 
     ingress = deployment(local_profile, "Ingress")["user_config"]
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
-    report = fairness.run(service.url + "/classify", uploads, seconds=30, calm_seconds=6, after_seconds=6,
+    report = fairness.contest(service.url + "/classify", uploads, seconds=30, calm_seconds=6, after_seconds=6,
                           warm_seconds=3)
-    print(fairness.table([report]))
+    print(fairness.sections([report])["bench-fairness"])
     calm, polite, greedy = report["calm"], report["contended"], report["greedy"]
     assert set(calm["statuses"]) == {"200"} and set(polite["statuses"]) == {"200"}, report
     assert report["polite_share_of_calm"] >= 0.8, report

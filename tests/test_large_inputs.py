@@ -16,10 +16,10 @@ import torch
 from bcnn.models import get_weights
 from bcnn.predict import Predictor
 from bcnn.preprocess import preprocess_image
-from load.checkpoints import random_bcnn_checkpoint
+from load.bare_model import random_bcnn_checkpoint
 from load.devices import on_device
-from load.harness import deployment
 from load.loadgen import BackgroundLoad, Upload, run_load
+from load.runner import deployment
 from tests import images
 from tests.conftest import Photo
 from tests.service import Service, load_config

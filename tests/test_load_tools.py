@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from load.cpu_watch import role_of
-from load.wrk import summary
+from load.loadgen import wrk_summary
 
 
 def test_a_replica_is_known_by_its_deployment_whatever_task_it_runs() -> None:
@@ -25,7 +25,7 @@ def test_wrk_figures_take_the_load_generators_shape() -> None:
     raw = {"duration_us": 10_000_000, "requests": 1003, "statuses": {"200": 990, "503": 10},
            "errors": {"connect": 0, "read": 2, "write": 0, "timeout": 1},
            "latency_us": {"p50": 12_345, "p90": 20_000, "p99": 45_000, "mean": 13_000.0, "max": 90_000}}
-    got = summary(raw, users=64, cpu_s=0.5)
+    got = wrk_summary(raw, users=64, cpu_s=0.5)
     assert got["statuses"] == {"200": 990, "503": 10, "0": 3}  # connections that got no answer: status 0
     assert (got["ok"], got["overloaded_503"], got["failed"], got["requests"]) == (990, 10, 3, 1003)
     assert got["throughput_rps"] == 99.0 and got["latency_ms_p50"] == 12.3 and got["latency_ms_p99"] == 45.0
@@ -34,9 +34,11 @@ def test_wrk_figures_take_the_load_generators_shape() -> None:
 
 def test_the_benchmarks_load_ray_only_once_they_have_set_its_environment() -> None:
     """Ray reads RAY_AUTH_MODE when it is imported; a benchmark that imported it before setting the variable could
-    not connect to the token-authenticated cluster it starts (`load.classifier_profile.run`)."""
-    code = ("import sys, load.bench, load.classifier_profile, load.serving_cost, load.overload, load.fairness, "
-            "load.gpu_run\nprint('ray' in sys.modules)")
+    not connect to the token-authenticated cluster it starts (`load.classifier.run`)."""
+    from load.__main__ import SCENARIOS
+
+    modules = ", ".join(m for m in SCENARIOS.values() if m != "load.__main__")
+    code = f"import sys, load.__main__, load.gpu_run, {modules}\nprint('ray' in sys.modules)"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert loaded.stdout == "False\n", loaded.stderr[-2000:]

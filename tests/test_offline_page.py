@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from load.harness import deployment
+from load.runner import deployment
 from serve_app.offline import STATIC
 from tests.conftest import OUTPUT, Photo
 from tests.service import Service, load_config

@@ -14,8 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from load.harness import deployment
 from load.loadgen import BackgroundLoad, Upload, run_load
+from load.runner import deployment
 from serve_app.haproxy import bundled_haproxy
 from serve_app.run import DASHBOARD_URL
 from tests import images

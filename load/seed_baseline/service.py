@@ -21,7 +21,7 @@ from bcnn.preprocess import preprocess_image
 torch.set_num_threads(int(os.environ.get("SEED_TORCH_THREADS", "1")))
 weights = get_weights(os.environ.get("SEED_CHECKPOINT", "default"))  # the same model as the service measured
 model = Predictor(weights)
-# Measuring the serving path alone (load/serving_cost.py): answer from zero logits, as the service with its
+# Measuring the serving path alone (`python -m load cost`): answer from zero logits, as the service with its
 # forward pass skipped does (load/devices.py), so what remains is what a GPU's speed would leave.
 skip_forward = os.environ.get("SEED_SKIP_FORWARD") == "1"
 
