@@ -42,8 +42,9 @@ Format = Literal["jsonl", "csv"]
 DECODE_CPUS = 0.25
 ACTOR_SHARE_OF_CORES = 0.75
 CPU_BATCH_AT_224 = 32
-CSV_FIELDS = ("file", "model", "model_version", "is_waterbird", "waterbird_score", "species_known",
-              "species_confidence", "species", "species_score", "predictions", "error_code", "error_message")
+CSV_FIELDS = ("file", "model", "model_version", "level", "is_waterbird", "waterbird_score", "species_known",
+              "species_confidence", "species", "species_name", "species_score", "predictions", "error_code",
+              "error_message")
 
 
 def find_photos(source: str) -> list[str] | None:
@@ -111,7 +112,8 @@ class Classify:
         answers = iter(())
         if len(usable):
             ranked = predictor.rank(predictor.launch([batch["pixels"][usable]]).wait(), self.top_k)
-            answers = (ranked.answer(row, predictor.labels) for row in range(len(usable)))
+            answers = (ranked.answer(row, predictor.labels, self.top_k, predictor.names)
+                       for row in range(len(usable)))
         for path, code, message in zip(batch["path"], batch["error_code"], batch["error_message"], strict=True):
             if code:
                 record: dict[str, object] = {"file": str(path), "error": {"code": str(code), "message": str(message)}}
@@ -195,9 +197,10 @@ def csv_row(record: dict[str, Any]) -> dict[str, object]:
                 "error_message": record["error"]["message"]}
     top = record["predictions"][0]
     return {"file": record["file"], "model": record["model"], "model_version": record["model_version"],
-            "is_waterbird": record["is_waterbird"], "waterbird_score": record["waterbird_score"],
-            "species_known": record["species_known"], "species_confidence": record["species_confidence"],
-            "species": top["label"], "species_score": top["score"],
+            "level": record["level"], "is_waterbird": record["is_waterbird"],
+            "waterbird_score": record["waterbird_score"], "species_known": record["species_known"],
+            "species_confidence": record["species_confidence"], "species": top["label"], "species_name": top["name"],
+            "species_score": top["score"],
             "predictions": "; ".join(f"{p['label']} {p['score']}" for p in record["predictions"])}
 
 

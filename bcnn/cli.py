@@ -40,10 +40,10 @@ def _predict(args: argparse.Namespace) -> int:
             continue
         answer = predictor(image[None], top_k=args.top_k)[0]
         if args.json:
-            print(json.dumps({"file": name, "is_waterbird": answer.is_waterbird,
-                              "species_known": answer.species_known,
+            print(json.dumps({"file": name, "level": answer.level, "is_bird": answer.is_bird,
+                              "is_waterbird": answer.is_waterbird, "species_known": answer.species_known,
                               "species_confidence": answer.species_confidence,
-                              "predictions": [{"label": p.label, "score": p.score, "index": p.index}
+                              "predictions": [{"label": p.label, "name": p.name, "score": p.score, "index": p.index}
                                               for p in answer.predictions]}, ensure_ascii=False), flush=True)
         else:
             print(f"{name}: {verdict(answer, len(predictor.labels))}", flush=True)
@@ -52,10 +52,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 def verdict(answer: Answer, species: int) -> str:
     """One line a birdwatcher reads: the species with its confidence, or why there is none; then the others ranked."""
-    names = [p.label for p in answer.predictions]
-    if not answer.is_waterbird:
-        return f"probably not a waterbird (closest waterbirds: {', '.join(names)})"
-    if not answer.species_known:
+    names = [p.name for p in answer.predictions]
+    if answer.level == "not_a_bird":
+        return f"probably not a bird (closest waterbirds: {', '.join(names)})"
+    if answer.level == "bird":
+        return (f"a bird: the model cannot tell whether it is a waterbird, and it may be one it was not taught "
+                f"(closest waterbirds: {', '.join(names)})")
+    if answer.level == "waterbird":
         return (f"a waterbird, species uncertain: the model cannot tell, and it may be one it was not taught "
                 f"(closest of the {species} it knows: {', '.join(names)})")
     return f"{names[0]}, confidence {answer.species_confidence:.0%}" + (f"; next: {', '.join(names[1:])}"
@@ -85,7 +88,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"species it does not know: {species['photos']['unknown_species']} photos, "
               f"{species['unknown']['named_wrongly']:.1%} named wrongly "
               f"({species['unknown']['waterbird_species_unknown']:.1%} answered 'a waterbird, species uncertain', "
-              f"{species['unknown']['not_a_waterbird']:.1%} 'not a waterbird'); AUROC known vs unknown "
+              f"{species['unknown']['rolled_up_to_a_bird']:.1%} 'a bird', {species['unknown']['not_a_bird']:.1%} "
+              f"'probably not a bird'); AUROC known vs unknown "
               f"{species['auroc_known_vs_unknown']:.3f}")
     print(f"species it knows: {species['known']['named']:.1%} named ({species['known']['named_and_right']:.1%} "
           f"rightly) at threshold {species['rule']['threshold']:g}; calibration error (ECE) "

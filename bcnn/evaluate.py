@@ -114,8 +114,9 @@ def species_figures(weights: Weights, logits: Tensor, truth: Tensor, out: Path, 
     (out / "species_rule.json").write_text(json.dumps(fitted.to_dict(), indent=2) + "\n")
     rule = weights.species_rule or fitted
     threshold = species_threshold if species_threshold is not None else rule.threshold
+    birds = None if weights.bird_indices is None else torch.tensor(weights.bird_indices)
     ranked = rank_logits(logits, answer_index, top_k=1, threshold=waterbird_threshold, rule=rule,
-                         species_threshold=species_threshold)
+                         species_threshold=species_threshold, bird_index=birds)
     named = ranked.species_known  # answered with a species' name
     figures: dict[str, Any] = {
         "rule": {**rule.to_dict(), "threshold": threshold},
@@ -132,6 +133,8 @@ def species_figures(weights: Weights, logits: Tensor, truth: Tensor, out: Path, 
         "unknown": {"named_wrongly": _share(named, ~known),
                     "waterbird_species_unknown": _share(ranked.is_waterbird & ~named, ~known),
                     "not_a_waterbird": _share(~ranked.is_waterbird, ~known),
+                    "rolled_up_to_a_bird": _share(~ranked.is_waterbird & ranked.is_bird, ~known),
+                    "not_a_bird": _share(~ranked.is_bird, ~known),
                     "not_named_interval": wilson(int((~named & ~known).sum()), int((~known).sum()))},
     }
     # Calibration over the answers judged known to photos of species the model knows, the confidence's question:

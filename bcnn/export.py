@@ -75,6 +75,10 @@ def metadata(weights: Weights, content: str, threshold: float = DEFAULT_WATERBIR
         "preprocess": json.dumps(weights.preprocess.to_dict()),
         "categories": json.dumps(list(weights.categories), ensure_ascii=False),
         "answer_indices": json.dumps(list(answers)),
+        # The bird classes an answer rolls up to "a bird" with ("null": the answer classes alone), and a birder's
+        # names for labels that are not names.
+        "bird_indices": json.dumps(list(weights.bird_indices) if weights.bird_indices is not None else None),
+        "display_names": json.dumps(dict(weights.display_names), ensure_ascii=False),
         "waterbird_threshold": str(threshold),
         # How an app tells a species the model knows from one it does not, and its calibrated confidence
         # (bcnn.species); "null" for a model without a rule.

@@ -25,13 +25,16 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def rank_logits(logits: Tensor, answer_index: Tensor, *, top_k: int = 5,
                 threshold: float = DEFAULT_WATERBIRD_THRESHOLD, rule: SpeciesRule | None = None,
-                species_threshold: float | None = None) -> Ranked:
+                species_threshold: float | None = None, bird_index: Tensor | None = None) -> Ranked:
     """The `top_k` answer classes of each image, renormalised over the answer classes; whether the full softmax puts
-    at least `threshold` of its mass on them; whether the model knows the species and how sure it is that the top one
-    is right (`bcnn.species`: the weights' rule, its threshold or `species_threshold`; without a rule, every
-    waterbird's species counts as known and the confidence is the top class's softmax probability, uncalibrated)."""
-    probs = logits.softmax(dim=1)[:, answer_index]
+    at least `threshold` of its mass on them (a waterbird), or else on the bird classes `bird_index` (a bird); whether
+    the model knows the species and how sure it is that the top one is right (`bcnn.species`: the weights' rule, its
+    threshold or `species_threshold`; without a rule, every waterbird's species counts as known and the confidence
+    is the top class's softmax probability, uncalibrated)."""
+    full = logits.softmax(dim=1)
+    probs = full[:, answer_index]
     mass = probs.sum(dim=1)
+    bird_mass = mass if bird_index is None else full[:, bird_index].sum(dim=1)
     scores = probs / mass.clamp_min(1e-12).unsqueeze(1)
     k = max(1, min(top_k, scores.shape[1]))
     top_scores, top_idx = scores.topk(k, dim=1)
@@ -42,8 +45,8 @@ def rank_logits(logits: Tensor, answer_index: Tensor, *, top_k: int = 5,
         species = species_score(logits, answer_index)
         known = is_waterbird & rule.species_known(species, species_threshold)
         confidence = rule.confidence(species)
-    return Ranked(top_idx.numpy(), top_scores.numpy(), mass.numpy(), is_waterbird.numpy(), known.numpy(),
-                  confidence.numpy())
+    return Ranked(top_idx.numpy(), top_scores.numpy(), mass.numpy(), is_waterbird.numpy(), bird_mass.numpy(),
+                  (is_waterbird | (bird_mass >= threshold)).numpy(), known.numpy(), confidence.numpy())
 
 
 class Predictor:
@@ -65,9 +68,10 @@ class Predictor:
             backend = build_backend(weights, device=self.device, backend=backend, threads=threads,
                                     cache_dir=cache_dir)
         self.backend = backend
-        self.labels = weights.labels
+        self.labels, self.names = weights.labels, weights.names
         answer = weights.answer_indices or range(len(weights.categories))
         self._answer_index = torch.tensor(list(answer), dtype=torch.long)
+        self._bird_index = None if weights.bird_indices is None else torch.tensor(weights.bird_indices)
 
     def logits(self, images: Tensor) -> Tensor:
         """uint8 [N, 3, H, W] on any device -> float32 logits [N, C] on the CPU."""
@@ -102,11 +106,12 @@ class Predictor:
 
     def rank(self, logits: Tensor, top_k: int = 5) -> Ranked:
         return rank_logits(logits, self._answer_index, top_k=top_k, threshold=self.threshold,
-                           rule=self.weights.species_rule, species_threshold=self.species_threshold)
+                           rule=self.weights.species_rule, species_threshold=self.species_threshold,
+                           bird_index=self._bird_index)
 
     def answers(self, logits: Tensor, top_k: int = 5) -> list[Answer]:
         ranked = self.rank(logits, top_k)
-        return [ranked.answer(row, self.labels) for row in range(len(ranked))]
+        return [ranked.answer(row, self.labels, names=self.names) for row in range(len(ranked))]
 
     def __call__(self, images: Tensor, top_k: int = 5) -> list[Answer]:
         return self.answers(self.logits(images), top_k)

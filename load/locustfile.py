@@ -20,7 +20,7 @@ from locust import HttpUser, between, events, task
 PHOTOS = Path(os.environ.get("WATERBIRD_PHOTOS", Path(__file__).resolve().parents[2] / "shared" / "waterbirds"
                              / "photos"))
 _FILES = sorted(p for p in PHOTOS.glob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}) if PHOTOS.is_dir() else []
-ANSWER_KEYS = {"request_id", "model", "is_waterbird", "predictions", "timing_ms"}
+ANSWER_KEYS = {"request_id", "model", "level", "is_waterbird", "predictions", "timing_ms"}
 
 
 @events.init.add_listener
@@ -70,7 +70,7 @@ class Birdwatcher(HttpUser):
         body = response.json()
         if not ANSWER_KEYS <= body.keys() or not body["predictions"]:
             response.failure(f"answer shape: {sorted(body)}")
-        elif not all({"label", "score"} <= p.keys() for p in body["predictions"]):
+        elif not all({"label", "name", "score"} <= p.keys() for p in body["predictions"]):
             response.failure("prediction shape")
         else:
             response.success()

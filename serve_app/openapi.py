@@ -103,11 +103,21 @@ OPENAPI: dict[str, Any] = {
                                                  "description": "where the forward pass runs (/labels only)"}}},
             "Answer": {
                 "type": "object",
-                "required": ["request_id", "model", "is_waterbird", "species_known", "species_confidence",
-                             "predictions", "timing_ms"],
+                "required": ["request_id", "model", "level", "is_bird", "is_waterbird", "species_known",
+                             "species_confidence", "predictions", "timing_ms"],
                 "properties": {
                     "request_id": {"type": "string"},
                     "model": {"$ref": "#/components/schemas/Model"},
+                    "level": {"type": "string", "enum": ["species", "waterbird", "bird", "not_a_bird"],
+                              "description": "how far the answer goes, the most the model can support: a species "
+                                             "it knows (species_known); a waterbird whose species it cannot tell; "
+                                             "a bird, which it cannot tell is a waterbird; probably not a bird"},
+                    "is_bird": {"type": "boolean", "description": "a waterbird, or bird_score is at least the "
+                                                                  "service's waterbird threshold"},
+                    "bird_score": {"type": "number", "minimum": 0, "maximum": 1,
+                                   "description": "the probability the model's full softmax puts on bird classes "
+                                                  "(for the embedded default ImageNet's 59, the waterbirds among "
+                                                  "them; for a model of birds only, waterbird_score)"},
                     "is_waterbird": {"type": "boolean",
                                      "description": "waterbird_score is at least the service's waterbird threshold"},
                     "waterbird_score": {"type": "number", "minimum": 0, "maximum": 1,
@@ -126,8 +136,10 @@ OPENAPI: dict[str, Any] = {
                                                           "photo; null where species_known is false"},
                     "predictions": {"type": "array", "description": "the closest species the model knows, best "
                                     "first", "items": {
-                        "type": "object", "required": ["label", "score"],
-                        "properties": {"label": {"type": "string"},
+                        "type": "object", "required": ["label", "name", "score"],
+                        "properties": {"label": {"type": "string", "description": "the model's class name"},
+                                       "name": {"type": "string", "description": "the name a birder writes for "
+                                                "it (an ImageNet class name may be a group's or a bird's sex)"},
                                        "score": {"type": "number", "minimum": 0, "maximum": 1,
                                                  "description": "this species' share of the probability among the "
                                                                 "species the model knows: how it ranks them, not "

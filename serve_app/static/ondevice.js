@@ -46,11 +46,13 @@ export function readMetadata(bytes) {
     pos = saved;
   });
   if (metadata.format !== "waterbirds-onnx") throw new Error("the model file was not exported by bcnn export");
-  const json = (name) => JSON.parse(metadata[name]);
-  const categories = json("categories"), answers = json("answer_indices");
+  const json = (name, absent = null) => (name in metadata ? JSON.parse(metadata[name]) : absent);
+  const categories = json("categories"), answers = json("answer_indices"), names = json("display_names", {});
+  const labels = answers.map((i) => categories[i]);
   return {
     name: metadata.name, version: metadata.version, preprocess: json("preprocess"), input: json("input"),
-    categories, answers, labels: answers.map((i) => categories[i]),
+    categories, answers, labels, names: labels.map((label) => names[label] || label),
+    birds: json("bird_indices"),  // null, or absent from a file saved before it: the answer classes alone
     waterbirdThreshold: parseFloat(metadata.waterbird_threshold), speciesRule: json("species_rule"),
   };
 }
@@ -68,8 +70,9 @@ async function runtime(paths) {
   return ort;
 }
 
-// rank_logits for one photo: softmax, the answer classes renormalised, is_waterbird by the mass on them, whether
-// the model knows the species and how sure it is (the species rule: max logit, Platt-calibrated).
+// rank_logits for one photo: softmax, the answer classes renormalised, is_waterbird by the mass on them (else
+// is_bird by the mass on the bird classes), whether the model knows the species and how sure it is (the species
+// rule: max logit, Platt-calibrated), and the level the answer rolls up to.
 export function answer(logits, meta, topK) {
   let max = -Infinity;
   for (const v of logits) max = Math.max(max, v);
@@ -79,6 +82,8 @@ export function answer(logits, meta, topK) {
   const mass = probs.reduce((a, b) => a + b, 0);
   const ranked = probs.map((p, i) => ({ i, score: p / Math.max(mass, 1e-12) })).sort((a, b) => b.score - a.score);
   const isWaterbird = mass >= meta.waterbirdThreshold;
+  const birdMass = meta.birds ? meta.birds.reduce((sum, i) => sum + exp[i] / total, 0) : mass;
+  const isBird = isWaterbird || birdMass >= meta.waterbirdThreshold;
   let known = isWaterbird, confidence = Math.max(...probs);
   if (meta.speciesRule) {
     const score = Math.max(...meta.answers.map((i) => logits[i]));
@@ -86,8 +91,10 @@ export function answer(logits, meta, topK) {
     confidence = 1 / (1 + Math.exp(-(meta.speciesRule.slope * score + meta.speciesRule.intercept)));
   }
   return {
+    level: known ? "species" : isWaterbird ? "waterbird" : isBird ? "bird" : "not_a_bird",
+    is_bird: isBird, bird_score: birdMass,
     is_waterbird: isWaterbird, waterbird_score: mass, species_known: known, species_confidence: known ? confidence : null,
-    predictions: ranked.slice(0, topK).map((r) => ({ label: meta.labels[r.i], score: r.score })),
+    predictions: ranked.slice(0, topK).map((r) => ({ label: meta.labels[r.i], name: meta.names[r.i], score: r.score })),
   };
 }
 
