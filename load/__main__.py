@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, module = argv[0], _scenario(argv[0])
     args = _parser(name, module).parse_args(argv[1:])
+    # Ray reads its settings (the token auth among them) once, when it is first imported: a scenario that imports it
+    # (the benchmark devices, the Classifier alone) must find them already set, whichever runs first.
+    os.environ.update({k: v for k, v in runner.serve_env().items() if k.startswith("RAY_")})
     result = module.run(module.Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(module.Settings)}))
     date = runner.now()[:10]
     out = args.out or runner.RESULTS / (f"{date}.json" if name == "bench" else f"{name}-{date}.json")

@@ -15,7 +15,6 @@ simulated device its timing; on a GPU the bare model's, fitted as `a + b x n` fr
 from __future__ import annotations
 
 import asyncio
-import os
 import tempfile
 import time
 from collections import Counter
@@ -110,15 +109,12 @@ async def _measure(handle: Any, refs: list[Any], s: Settings) -> tuple[dict[str,
 
 
 def run(s: Settings) -> dict[str, Any]:
-    cluster = runner.Cluster(num_cpus=s.logical_cpus)
-    os.environ.update({k: v for k, v in cluster.env.items() if k.startswith("RAY_")})  # read when Ray is imported
-    import ray
+    import ray  # imported here, once `python -m load` has set Ray's settings (its token auth among them)
     import torch
 
     from load.devices import DeviceTiming
 
     gpu = torch.cuda.is_available() and not s.simulate
-    cluster.num_gpus = None if gpu else 1
     checkpoint = str(random_bcnn_checkpoint(Path(tempfile.mkdtemp(prefix="classifier-")) / "vgg16-bcnn.pt",
                                             num_classes=200, input_size=s.input_size))
     timing = fit_device(checkpoint) if gpu else {"fixed_ms": s.fixed_ms, "per_image_ms": s.per_image_ms,
@@ -126,7 +122,7 @@ def run(s: Settings) -> dict[str, Any]:
     batches = _batches(checkpoint, s)
     print(f"{len(batches)} batches of {s.batch_size} images at {s.input_size}; device: "
           f"{'the GPU' if gpu else 'simulated'} {timing}", flush=True)
-    with cluster:
+    with runner.Cluster(num_cpus=s.logical_cpus, num_gpus=None if gpu else 1):
         ray.init(address="auto", logging_level="ERROR")
         try:
             handle = _deploy(checkpoint, s.classifiers_per_gpu,

@@ -34,7 +34,8 @@ def test_wrk_figures_take_the_load_generators_shape() -> None:
 
 def test_the_benchmarks_load_ray_only_once_they_have_set_its_environment() -> None:
     """Ray reads RAY_AUTH_MODE when it is imported; a benchmark that imported it before setting the variable could
-    not connect to the token-authenticated cluster it starts (`load.classifier.run`)."""
+    not connect to the token-authenticated cluster it starts (`load.classifier.run`). (`python -m load` sets it before
+    any scenario runs: `make bench` imports Ray with the benchmark devices before the Classifier alone connects.)"""
     from load.__main__ import SCENARIOS
 
     modules = ", ".join(m for m in SCENARIOS.values() if m != "load.__main__")
