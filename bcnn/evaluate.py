@@ -41,6 +41,10 @@ def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None =
         raise ValueError(f"{data}: classes the checkpoint does not know: {', '.join(not_known[:5])}")
     torch_device = pick_device(device)
     model = prepare_for_inference(build_model(weights)).to(torch_device)
+    # The classifier's input (the penultimate features), kept for the scores that reshape or compare them.
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    features: list[Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inputs, _out: features.append(inputs[0].detach().float().cpu()))
     logits, labels = predict_split(model, dataset, weights.preprocess, workers, torch_device)
     answer = list(weights.answer_indices or range(len(weights.categories)))
     # Columns of the data set's classes, in its order: a 1000-way model is scored on the classes asked about.
@@ -69,9 +73,15 @@ def evaluate(data: str, checkpoint: str, out: str, *, classes_file: str | None =
         unknown_logits = predict_split(model, unknown_split, weights.preprocess, workers, torch_device)[0]
     else:
         unknown_logits = logits[:0]
+    hook.remove()
     truth = torch.tensor([weights.labels.index(dataset.classes[i]) for i in labels.tolist()] + [-1] * len(unknown))
-    metrics["species"] = species_figures(weights, torch.cat([logits, unknown_logits]), truth, out_dir,
+    all_logits = torch.cat([logits, unknown_logits])
+    metrics["species"] = species_figures(weights, all_logits, truth, out_dir,
                                          species_threshold=species_threshold, waterbird_threshold=waterbird_threshold)
+    known, answer_index = (truth >= 0).numpy(), torch.tensor(answer)
+    metrics["species"]["feature_scores"] = {
+        name: {"auroc": round(auroc(other, known), 4), "interval": auroc_interval(other, known)}
+        for name, other in feature_scores(torch.cat(features), head, answer_index).items()}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
     with open(out_dir / "confusion.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -164,6 +174,26 @@ def candidate_scores(logits: Tensor, answer_index: Tensor) -> dict[str, np.ndarr
     return {"max_softmax": answer.max(dim=1).values.numpy(), "answer_mass": answer.sum(dim=1).numpy(),
             "top_share": (answer.max(dim=1).values / answer.sum(dim=1).clamp_min(1e-12)).numpy(),
             "energy": torch.logsumexp(logits, dim=1).numpy()}
+
+
+def feature_scores(features: Tensor, head: torch.nn.Linear, answer_index: Tensor) -> dict[str, np.ndarray]:
+    """Scores that need the penultimate features, to compare with the largest answer logit: the logits of features
+    clipped at their 90th percentile over every photo (ReAct; label-free, but from the photos measured), or of each
+    photo's top 35% and top 10% kept and rescaled (ASH-S), and the largest cosine of the features to an answer
+    class's weights."""
+    weight, bias = head.weight.detach().float().cpu(), head.bias.detach().float().cpu()
+
+    def largest(h: Tensor) -> np.ndarray:
+        return (h @ weight.T + bias)[:, answer_index].max(dim=1).values.numpy()
+
+    def ash_s(h: Tensor, keep: float) -> Tensor:
+        kept = torch.where(h >= torch.quantile(h, 1 - keep, dim=1, keepdim=True), h, torch.zeros_like(h))
+        return kept * torch.exp(h.sum(1, keepdim=True) / kept.sum(1, keepdim=True).clamp_min(1e-12))
+
+    unit = weight[answer_index] / weight[answer_index].norm(dim=1, keepdim=True)
+    return {"react_p90": largest(features.clamp(max=float(np.percentile(features.numpy(), 90)))),
+            "ash_s_keep_35": largest(ash_s(features, 0.35)), "ash_s_keep_10": largest(ash_s(features, 0.10)),
+            "cosine": (features / features.norm(dim=1, keepdim=True) @ unit.T).max(dim=1).values.numpy()}
 
 
 def _share(mask: np.ndarray, of: np.ndarray) -> float | None:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(module, "plot"):
         module.plot(result, out.with_suffix(".png"))
         first = next(iter(texts), None)
-        if first is not None and out.parent == runner.RESULTS:
+        if first is not None and out.resolve().parent == runner.RESULTS:
             texts[first] += f"\n\n![{name}](../load/results/{out.with_suffix('.png').name})"
     if not texts:
         print(json.dumps(result, indent=1, ensure_ascii=False))

@@ -57,6 +57,9 @@ def test_evaluate_measures_the_species_rule_on_labelled_photos(tmp_path: Path, p
     assert species["known"]["named_and_right"] == 1.0 and species["unknown"]["named_wrongly"] <= 0.4
     assert species["auroc_known_vs_unknown"] > 0.8 and set(species["auroc_of_other_scores"]) == {
         "max_softmax", "answer_mass", "top_share", "energy"}
+    features = species["feature_scores"]  # from the penultimate features: none of them is the rule's score
+    assert set(features) == {"react_p90", "ash_s_keep_35", "ash_s_keep_10", "cosine"}
+    assert all(0.5 < f["auroc"] <= 1 and f["interval"][0] <= f["auroc"] <= f["interval"][1] for f in features.values())
     calibration = species["calibration"]
     assert calibration["after"]["ece"] < calibration["before"]["ece"]
     rule = json.loads((tmp_path / "out" / "species_rule.json").read_text())
