@@ -102,7 +102,9 @@ def test_each_bad_file_is_one_error_record_and_never_stops_the_run(ray_address: 
 
 def test_ctrl_c_then_the_same_command_finishes_every_photo_exactly_once(ray_address: str, photos: list[Photo],
                                                                        tmp_path: Path) -> None:
-    folder, out = _folder(tmp_path, photos, 60), tmp_path / "out.jsonl"
+    # Enough photos that the run cannot finish between its 12th record and the interrupt landing (60 once did).
+    count = 180
+    folder, out = _folder(tmp_path, photos, count), tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "batch", str(folder), "--out", str(out), "--address", ray_address,
                "--batch-size", "4", "--no-progress"]
     first = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -115,12 +117,12 @@ def test_ctrl_c_then_the_same_command_finishes_every_photo_exactly_once(ray_addr
     assert first.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr
     done = len(_records(out))
-    assert 12 <= done < 60
+    assert 12 <= done < count
     with out.open("a") as f:  # as if the machine had died mid-write: the record cut short is classified again
-        f.write('{"file": "' + str(folder / photos[59].path.name)[:20])
+        f.write('{"file": "' + str(folder / photos[count - 1].path.name)[:20])
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=180)
     files = Counter(r["file"] for r in _records(out))
-    assert set(files.values()) == {1} and len(files) == 60
+    assert set(files.values()) == {1} and len(files) == count
 
 
 def test_a_worker_killed_mid_run_loses_no_photo(ray_address: str, photos: list[Photo], tmp_path: Path) -> None:
