@@ -50,7 +50,7 @@ class Answer:
     predictions: tuple[Prediction, ...]
 
     def to_dict(self) -> dict[str, object]:
-        """The answer as the service sends it: JSON-ready, each prediction its label and score. (Written out: the
+        """The answer as the service sends it: JSON-ready, each prediction its label, name and score. (Written out: the
         Classifier makes one per image, and `dataclasses.asdict` copied every field first.)"""
         return {"level": self.level, "is_bird": self.is_bird, "bird_score": self.bird_score,
                 "is_waterbird": self.is_waterbird, "waterbird_score": self.waterbird_score,

@@ -102,22 +102,23 @@ def test_each_bad_file_is_one_error_record_and_never_stops_the_run(ray_address: 
 
 def test_ctrl_c_then_the_same_command_finishes_every_photo_exactly_once(ray_address: str, photos: list[Photo],
                                                                        tmp_path: Path) -> None:
-    # Enough photos that the run cannot finish between its 12th record and the interrupt landing (60 once did).
+    # Interrupted at its first record, with enough photos left that it cannot finish before the interrupt lands
+    # (interrupted at the 12th of 60, a run warmed by the tests before it once did).
     count = 180
     folder, out = _folder(tmp_path, photos, count), tmp_path / "out.jsonl"
     command = [sys.executable, "-m", "batch", str(folder), "--out", str(out), "--address", ray_address,
                "--batch-size", "4", "--no-progress"]
     first = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 12):
+    while time.monotonic() < deadline and (not out.exists() or not out.read_text()):
         assert first.poll() is None, first.communicate()[1][-2000:]
-        time.sleep(0.1)
+        time.sleep(0.02)
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=60)
-    assert first.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr
     done = len(_records(out))
-    assert 12 <= done < count
+    assert first.returncode == 130, (done, stderr[-2000:])
+    assert "interrupted" in stderr
+    assert 1 <= done < count
     with out.open("a") as f:  # as if the machine had died mid-write: the record cut short is classified again
         f.write('{"file": "' + str(folder / photos[count - 1].path.name)[:20])
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=180)
