@@ -24,6 +24,12 @@ def page(browser, service: Service):  # noqa: ANN001, ANN201
     context.close()
 
 
+def _answered(page, path: Path, picker: str = "Drop a photo here or choose one") -> None:  # noqa: ANN001
+    """Choose a photo with the page's picker and wait until its answer is shown."""
+    page.get_by_label(picker).set_input_files(str(path))
+    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+
+
 def _api_answer(service: Service, path: Path) -> dict:
     return httpx.post(service.url + "/classify", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
                       timeout=60).json()
@@ -32,9 +38,7 @@ def _api_answer(service: Service, path: Path) -> dict:
 def test_upload_shows_the_same_species_as_the_api(page, service: Service, mapped_photos: list[Photo]) -> None:  # noqa: ANN001
     OUTPUT.mkdir(exist_ok=True)
     for photo in mapped_photos[:3]:  # several photos in a row, no reload
-        page.get_by_label("Drop a photo here or choose one").set_input_files(str(photo.path))
-        page.wait_for_function(
-            "document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+        _answered(page, photo.path)
         api = _api_answer(service, photo.path)
         assert api["predictions"][0]["label"] == photo.imagenet_label and api["level"] == "species"
         name = WATERBIRD_NAMES[photo.imagenet_label]  # a birder's name, not ImageNet's class name
@@ -53,8 +57,7 @@ def test_upload_shows_the_same_species_as_the_api(page, service: Service, mapped
 
 def test_a_waterbird_it_does_not_know_is_said_so_in_words(page, photos: list[Photo]) -> None:  # noqa: ANN001
     kittiwake = next(p for p in photos if p.path.name == "wb-002.jpg")  # a gull: none of the 23 species
-    page.get_by_label("Drop a photo here or choose one").set_input_files(str(kittiwake.path))
-    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+    _answered(page, kittiwake.path)
     assert page.locator("#species").inner_text() == "A waterbird, species uncertain"
     assert page.locator("#unknown-species").inner_text() == (
         "The model cannot tell which species this is; it may be one it was not taught (it knows 23). "
@@ -70,8 +73,7 @@ def test_a_bird_it_cannot_tell_is_a_waterbird_is_answered_a_bird(page, photos: l
     """A red-legged crake (a rail, none of the 23) puts 0.003 on the waterbird classes and 0.96 on ImageNet's bird
     classes: "a bird", never "probably not a waterbird"."""
     crake = next(p for p in photos if p.path.name == "wb-167.jpg")
-    page.get_by_label("Drop a photo here or choose one").set_input_files(str(crake.path))
-    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')", timeout=60_000)
+    _answered(page, crake.path)
     assert page.locator("#species").inner_text() == "A bird"
     assert page.locator("#not-waterbird").inner_text() == (
         "The model sees a bird but cannot tell whether it is a waterbird; it may be one it was not taught. Below are "
@@ -124,9 +126,7 @@ def test_keyboard_and_phone_viewport(phone, non_bird_photos: list[Path]) -> None
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "file"  # the picker is the first stop
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-    page.get_by_label("Take a photo with the camera").set_input_files(str(non_bird_photos[0]))  # the cat
-    page.wait_for_function("document.querySelector('#busy').textContent.startsWith('Result ready')",
-                           timeout=60_000)
+    _answered(page, non_bird_photos[0], "Take a photo with the camera")  # the cat
     assert page.locator("#not-waterbird").inner_text().startswith("This photo does not look like a bird")
     assert page.locator("#species").inner_text() == "Probably not a bird"
     # The answer lands below the pickers and the preview: the page brings it into view.
