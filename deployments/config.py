@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,22 +20,60 @@ class PreprocessorConfig(_Strict):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="largest image decoded (width x height)")
 
 
-class ClassifierConfig(_Strict):
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ModelConfig(_Strict):
+    """One model a Classifier serves: what to load and the rules its answers follow."""
+
     checkpoint: str = Field("default", description="'default' (embedded Lite0), a registry name, or a file path")
     classes_file: str | None = Field(None, description="class list for a 2019 service checkpoint")
     waterbird_threshold: float = Field(DEFAULT_WATERBIRD_THRESHOLD, ge=0.0, le=1.0)
     # The model's own (its weights entry or checkpoint, `bcnn.species`) unless set: 7.87 for the embedded default.
     species_threshold: float | None = Field(None, description="largest answer-class logit below which a waterbird "
                                             "is answered as a species the model does not know; none: the model's")
-    # On a CPU core 1-4 images per pass cost about the same per image (docs/performance.md, "Results"); a GPU
-    # takes 32 or more.
-    max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
-    batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
     # ONNX Runtime is the faster of the two on a CPU for every model served (docs/performance.md, "Results"); on
     # CUDA `auto` keeps torch.
     backend: BackendName = Field("auto", description="where the forward pass runs: auto is ONNX Runtime on the CPU, "
                                  "torch on CUDA")
+
+
+class ClassifierConfig(ModelConfig):
+    """The default model (the fields it shares with `ModelConfig`), the models served beside it by name, and the
+    replica's batching and threads, which every model shares."""
+
+    name: str | None = Field(None, pattern=MODEL_NAME, description="the default model's name in ?model= and "
+                             "answers; none: its weights' name")
+    # Every replica holds every model (docs/serving.md, "Several models"): a request for any of them never waits
+    # for a load, and a GPU replica serves them all.
+    models: dict[str, ModelConfig] = Field({}, description="more models served beside the default, by name")
+    # On a CPU core 1-4 images per pass cost about the same per image (docs/performance.md, "Results"); a GPU
+    # takes 32 or more.
+    max_batch_size: int = Field(8, ge=1, le=256, description="images per forward pass")
+    batch_wait_timeout_s: float = Field(0.003, ge=0.0, le=1.0, description="wait for more images to merge")
     threads: int = Field(1, ge=1, le=64, description="intra-op threads; more replicas beat more threads")
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in value:
+            if not re.match(MODEL_NAME, name):
+                raise ValueError(f"model name {name!r}: letters, digits, '.', '_' and '-', at most 64")
+        return value
+
+    def model(self) -> ModelConfig:
+        """The default model's own settings."""
+        return ModelConfig(**self.model_dump(include=set(ModelConfig.model_fields)))
+
+
+class Candidate(_Strict):
+    """A model answering for another on a share of its uploads, or beside it in the background."""
+
+    model: str = Field(pattern=MODEL_NAME, description="the candidate: a model the Classifiers serve")
+    share: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the model's uploads the candidate answers "
+                         "instead (a canary)")
+    shadow: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the model's uploads also sent to the "
+                          "candidate in the background: its answer never shown, compared with the shown one")
 
 
 class IngressConfig(_Strict):
@@ -69,6 +108,11 @@ class IngressConfig(_Strict):
     # (docs/serving.md, "Messages between stages").
     pixels_by_reference: bool = Field(True, description="pixels go Preprocessor -> Classifier through the object "
                                       "store; false: in gRPC messages through the ingress")
+    # Routing among the models the Classifiers serve (docs/serving.md, "Several models"): an upload naming no model,
+    # or naming one of these, may be answered by its candidate instead, or also sent to it in the background.
+    candidates: dict[str, Candidate] = Field({}, description="model name -> its candidate (canary share, shadow)")
+    # Shadow requests use spare capacity only: past this many in flight per replica, more are dropped and counted.
+    max_shadows_in_flight: int = Field(8, ge=0, description="shadow requests in flight at once at most")
 
     @field_validator("trusted_proxies")
     @classmethod

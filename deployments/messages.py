@@ -51,11 +51,46 @@ class PreparedBatch:
 @dataclass(frozen=True)
 class ModelCard:
     name: str
+    """as served: what `?model=` names and answers say"""
     version: str
     labels: tuple[str, ...]
     preprocess: Preprocess
     device: str
     backend: str
+    parameter_bytes: int
+    """its float32 weights: whether a phone can save it (`bcnn.phone`)"""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the Classifiers serve: every model by name (the default first) and those configured that did not load."""
+
+    default: str
+    cards: dict[str, ModelCard]
+    failed: dict[str, str]
+    """name -> why it could not be loaded"""
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.cards, *self.failed]
+
+
+class UnknownModel(LookupError):
+    """An upload names a model the service does not serve (404)."""
+
+    def __init__(self, name: str, served: list[str]) -> None:
+        super().__init__(f"No model is named {name!r}; this service serves: {', '.join(served)}.")
+
+
+class ModelUnavailable(Exception):
+    """A model configured but not loaded (it failed to, or was removed meanwhile): 503 for it alone."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"The model {name!r} cannot answer now: {reason}")
+        self.name, self.reason = name, reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses from a Classifier replica as an outcome
+        return ModelUnavailable, (self.name, self.reason)
 
 
 @dataclass(frozen=True)
@@ -79,5 +114,5 @@ class PreparedForAnotherModel:
     prepared for the model served now, so that even the first answers after a swap are exact."""
 
 
-Outcome = Classified | ImageError | PreparedForAnotherModel
+Outcome = Classified | ImageError | PreparedForAnotherModel | ModelUnavailable
 """What the Classifier answers for each upload of a batch, in upload order."""

@@ -25,7 +25,7 @@ from load import runner
 SCENARIOS = {"bench": __name__, "service": "load.service", "cost": "load.cost", "overload": "load.overload",
              "fairness": "load.fairness", "classifier": "load.classifier", "collection": "load.collection",
              "gpu": "load.gpu", "variants": "load.variants", "gpu-check": "load.gpu_check",
-             "phone": "load.phone_page"}
+             "phone": "load.phone_page", "models": "load.models"}
 # What `make bench` runs after the service end to end: (its key in the report, scenario, settings changed).
 BENCH: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("serving_cost", "cost", {}),
@@ -33,6 +33,7 @@ BENCH: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fairness", "fairness", {}),
     ("classifier_alone", "classifier", {"simulate": True}),
     ("collection", "collection", {}),
+    ("models", "models", {}),
 )
 
 

@@ -120,7 +120,7 @@ def serve_deploy(config: dict[str, Any], env: dict[str, str]) -> None:
         path.flush()
         result = subprocess.run([*cli("serve"), "deploy", path.name], env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
+        raise RuntimeError(f"serve deploy failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
 
 
 def application() -> dict[str, Any]:

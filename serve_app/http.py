@@ -24,9 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bcnn.images import EmptyImage, ImageTooLarge, InvalidImage, UnsupportedFormat
 from deployments.config import IngressConfig
-from deployments.messages import Classified, ModelCard
+from deployments.messages import Catalog, Classified, ModelUnavailable, UnknownModel
 from deployments.metrics import IngressMetrics
 from serve_app.admission import Overloaded, OverShare
+from serve_app.candidates import Comparisons, resolve
 from serve_app.offline import IMMUTABLE, ISOLATION, REVALIDATE, WebApp
 from serve_app.openapi import OPENAPI
 
@@ -49,13 +50,21 @@ class Pipeline(Protocol):
 
     def release(self, client: str, *, answered: bool) -> None: ...
 
-    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float, client: str) -> Classified: ...
+    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float, client: str,
+                       model: str | None = None) -> Classified:
+        """The answer of `model` (None: the default), or of the candidate routed to in its place."""
+        ...
 
-    async def model_card(self, *, refresh: bool = False) -> ModelCard: ...
+    async def catalog(self, *, refresh: bool = False) -> Catalog: ...
 
-    async def phone_model_info(self) -> dict[str, object] | None: ...
+    @property
+    def comparisons(self) -> Comparisons:
+        """Shadow answers compared with shown ones, in this replica."""
+        ...
 
-    async def phone_model_file(self, sha256: str) -> bytes | None: ...
+    async def phone_model_info(self, model: str | None = None) -> dict[str, object] | None: ...
+
+    async def phone_model_file(self, sha256: str, model: str | None = None) -> bytes | None: ...
 
     async def health(self) -> dict[str, object]: ...
 
@@ -111,10 +120,12 @@ ERRORS: tuple[tuple[type[BaseException], int, str], ...] = (
     (BadTopK, 400, "bad_top_k"),
     (NotFound, 404, "not_found"),
     (ModelReplaced, 404, "model_replaced"),
+    (UnknownModel, 404, "unknown_model"),
     # An image refused by the Preprocessor arrives from its replica as an instance of its own type too.
     *((kind, status, kind.code) for kind, status in ((EmptyImage, 400), (InvalidImage, 400),
                                                      (UnsupportedFormat, 415), (ImageTooLarge, 413))),
     (OverShare, 429, "too_many_requests"),
+    (ModelUnavailable, 503, "model_unavailable"),
     (Overloaded, 503, "overloaded"),
     (BackPressureError, 503, "overloaded"),  # Serve's own queue limits, above admission's
     (TimeoutError, 504, "timeout"),
@@ -187,9 +198,9 @@ def _limited(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-async def read_upload(request: Request, config: IngressConfig) -> bytes:
-    """The image bytes from `multipart/form-data` field `file`, or from a raw `image/*` or
-    `application/octet-stream` body."""
+async def read_upload(request: Request, config: IngressConfig) -> tuple[bytes, str | None]:
+    """The image bytes from `multipart/form-data` field `file` (with the form's `model` field, if any), or from a
+    raw `image/*` or `application/octet-stream` body."""
     limit = int(config.max_body_mb * 2**20)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -201,7 +212,7 @@ async def read_upload(request: Request, config: IngressConfig) -> bytes:
             if content_type == "multipart/form-data":
                 return await _form_file(request, limit)
             if content_type.startswith("image/") or content_type == "application/octet-stream":
-                return await request.body()
+                return await request.body(), None
     except TimeoutError:
         raise UploadTimeout(f"The upload did not arrive within {config.upload_read_timeout_s:g} s.") from None
     except ClientDisconnect:
@@ -210,7 +221,7 @@ async def read_upload(request: Request, config: IngressConfig) -> bytes:
                                "body with an image/* or application/octet-stream content type.")
 
 
-async def _form_file(request: Request, limit: int) -> bytes:
+async def _form_file(request: Request, limit: int) -> tuple[bytes, str | None]:
     parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=20)
     # Starlette spools a file over 1 MB to disk, each write and the read back on a worker thread; the body is
     # bounded by `limit` and read into memory right after anyway, so a phone photo stays in memory.
@@ -220,10 +231,10 @@ async def _form_file(request: Request, limit: int) -> bytes:
     except MultiPartException as e:
         raise BadMultipart(f"The form could not be read: {e.message}") from None
     try:
-        upload = form.get("file")
+        upload, model = form.get("file"), form.get("model")
         if not isinstance(upload, UploadFile):
             raise MissingFile("The form has no file in a field named 'file'.")
-        return await upload.read()
+        return await upload.read(), model if isinstance(model, str) and model else None
     finally:
         await form.close()
 
@@ -247,7 +258,28 @@ def answer_body(request_id: str, result: Classified, total_ms: float) -> dict[st
     }
 
 
-ROUTES = ("/", "/classify", "/healthz", "/labels", "/openapi.json", "/offline.json", "/sw.js",
+def models_body(catalog: Catalog, config: IngressConfig,
+                comparisons: dict[tuple[str, str], dict[str, object]]) -> dict[str, object]:
+    """/models: every model configured, the default first, with what a client or the page needs to choose one, its
+    candidate (if any) and how that candidate has agreed with it so far in this replica."""
+    phone_bytes = config.phone_model_max_mb * 2**20
+    listed: list[dict[str, object]] = []
+    for name, card in catalog.cards.items():
+        entry: dict[str, object] = {
+            "name": name, "version": card.version, "default": name == catalog.default, "ready": True,
+            "species": len(card.labels), "input_size": card.preprocess.crop_size, "backend": card.backend,
+            "device": card.device, "phone": 0 < card.parameter_bytes <= phone_bytes}
+        candidate = config.candidates.get(name)
+        if candidate is not None:
+            entry["candidate"] = {**candidate.model_dump(), "served": candidate.model in catalog.cards,
+                                  **comparisons.get((name, candidate.model), {"compared": 0})}
+        listed.append(entry)
+    listed += [{"name": name, "ready": False, "default": False, "error": reason}
+               for name, reason in catalog.failed.items()]
+    return {"default": catalog.default, "models": listed}
+
+
+ROUTES = ("/", "/classify", "/healthz", "/labels", "/models", "/openapi.json", "/offline.json", "/sw.js",
           "/manifest.webmanifest")
 PREFIXED_ROUTES = ("/assets/", "/model/")
 
@@ -369,14 +401,15 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         return Response(found.data, media_type=found.content_type, headers={"Cache-Control": IMMUTABLE, **ISOLATION})
 
     @answering_errors
-    async def offline(_request: Request) -> Response:
-        model = await pipeline.phone_model_info() if web.runtime else None
-        return JSONResponse(web.offline_files(model), headers={"Cache-Control": "no-store"})
+    async def offline(request: Request) -> Response:
+        model = request.query_params.get("model")
+        phone = await pipeline.phone_model_info(model) if web.runtime else None
+        return JSONResponse(web.offline_files(phone, model), headers={"Cache-Control": "no-store"})
 
     @answering_errors
     async def phone_model(request: Request) -> Response:
         sha256 = request.path_params["sha256"]
-        data = await pipeline.phone_model_file(sha256)
+        data = await pipeline.phone_model_file(sha256, request.query_params.get("model"))
         if data is None:
             raise ModelReplaced("The service now offers another model for phones: fetch offline.json again.")
         return Response(data, media_type="application/octet-stream",
@@ -391,8 +424,9 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         try:
             top_k = _top_k(request, config.default_top_k)
             async with asyncio.timeout(deadline - time.monotonic()):
-                data = await read_upload(request, config)
-                result = await pipeline.classify(data, top_k, request_id, deadline, client)
+                data, form_model = await read_upload(request, config)
+                model = request.query_params.get("model") or form_model
+                result = await pipeline.classify(data, top_k, request_id, deadline, client, model)
         except Exception as e:  # noqa: BLE001 - every failure becomes a JSON error through the one table
             error = error_answer(e, retry_after_s=config.retry_after_s)
             if error.status >= 500 and error.status != 503:
@@ -404,7 +438,8 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         if metrics is not None:
             metrics.latency.observe(total_ms)
             top = result.answer["predictions"][0]  # type: ignore[index]
-            metrics.predictions.inc(tags={"species": top["label"], "is_waterbird": str(result.answer["is_waterbird"])})
+            metrics.predictions.inc(tags={"model": result.model_name, "species": top["label"],
+                                          "is_waterbird": str(result.answer["is_waterbird"])})
         return JSONResponse(answer_body(request_id, result, total_ms))
 
     async def healthz(_request: Request) -> Response:
@@ -412,10 +447,16 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
         return JSONResponse(report, status_code=503 if report["status"] == "unavailable" else 200)
 
     @answering_errors
-    async def labels(_request: Request) -> Response:
-        card = await pipeline.model_card(refresh=True)
+    async def labels(request: Request) -> Response:
+        catalog = await pipeline.catalog(refresh=True)
+        card = catalog.cards[resolve(request.query_params.get("model"), catalog)]
         return JSONResponse({"model": {"name": card.name, "version": card.version, "device": card.device,
                                        "backend": card.backend}, "labels": list(card.labels)})
+
+    @answering_errors
+    async def models(_request: Request) -> Response:
+        catalog = await pipeline.catalog(refresh=True)
+        return JSONResponse(models_body(catalog, pipeline.config, pipeline.comparisons.report()))
 
     async def openapi_json(_request: Request) -> Response:
         return Response(openapi, media_type="application/json")
@@ -429,6 +470,7 @@ def build_http_app(pipeline: Pipeline, metrics: IngressMetrics | None = None) ->
             Route("/classify", classify, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/labels", labels, methods=["GET"]),
+            Route("/models", models, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/sw.js", service_worker, methods=["GET"]),
             Route("/manifest.webmanifest", manifest, methods=["GET"]),

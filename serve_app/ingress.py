@@ -1,8 +1,9 @@
 """The ingress deployment: the pipeline behind the HTTP face (`serve_app.http`). It admits uploads (fairly among
-clients, `serve_app.admission`), gathers those in flight into batches, sends each batch's bytes to a Preprocessor
-in one call and its pixels from there to a Classifier in one call (through Ray's object store, the ingress handing
-on a reference, or through the ingress), and hands each upload's answer back; it sends an upload again where a
-replica was lost under it, or where a swap to a model of another input size landed while it was decoded.
+clients, `serve_app.admission`), chooses the model that answers each (`serve_app.candidates`), gathers those in
+flight into batches, sends each batch's bytes to a Preprocessor in one call per model and its pixels from there to
+a Classifier in one call (through Ray's object store, the ingress handing on a reference, or through the ingress),
+and hands each upload's answer back; it sends an upload again where a replica was lost under it, or where a swap
+to a model of another input size landed while it was decoded. Shadow requests go after the shown answer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -23,9 +25,18 @@ from starlette.types import ASGIApp, Scope
 from bcnn.allocator import keep_freed_memory
 from bcnn.images import ImageError
 from deployments.config import IngressConfig
-from deployments.messages import CALL_BUDGET_BYTES, Classified, ModelCard, Outcome, PreparedForAnotherModel
+from deployments.messages import (
+    CALL_BUDGET_BYTES,
+    Catalog,
+    Classified,
+    ModelCard,
+    ModelUnavailable,
+    Outcome,
+    PreparedForAnotherModel,
+)
 from deployments.metrics import IngressMetrics
 from serve_app.admission import Admission, Limits, Overloaded, RefusalLog
+from serve_app.candidates import Comparisons, Route, resolve, route
 from serve_app.client_identity import ClientIdentity, haproxy_appends_forwarded_for, parse_networks
 from serve_app.http import build_http_app
 
@@ -40,6 +51,10 @@ CONCURRENT_BATCHES = 4
 DEADLINE_MARGIN = 2.0
 # Sends of an upload again, decoded each time for the model the Classifiers serve now, before it is refused (503).
 RESENDS_DURING_A_SWAP = 4
+# An upload naming a model the cached catalog lacks fetches it again at most this often (one may have been added).
+CATALOG_RECHECK_S = 1.0
+# Phones' model files kept here, one per model asked for, the least recently asked dropped first.
+PHONE_FILES_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,7 @@ class _Upload:
     top_k: int
     request_id: str
     deadline: float = float("inf")  # time.monotonic() by which it must be answered
+    model: str = ""  # the model that answers it; "": the default
 
 
 @serve.deployment(name="Ingress", user_config={}, ray_actor_options={"num_cpus": 0.5})
@@ -72,10 +88,14 @@ class Ingress:
             log.warning("Serve's HAProxy does not run through waterbirds-haproxy (RAY_SERVE_HAPROXY_BINARY_PATH), so "
                         "it appends no X-Forwarded-For: every client behind it counts as one for fair admission")
         self._refresh_nodes()
-        self._card: ModelCard | None = None
-        self._card_lock = asyncio.Lock()
-        self._phone_file: tuple[str, bytes] | None = None  # (sha256, the ONNX file) last served to phones
+        self._catalog: Catalog | None = None
+        self._catalog_at = 0.0
+        self._catalog_lock = asyncio.Lock()
+        self._phone_files: OrderedDict[str, bytes] = OrderedDict()  # sha256 -> the ONNX file served to phones
         self._batch_s = 0.0  # recent time from a batch's dispatch to its answers, smoothed
+        self.metrics = IngressMetrics()
+        self.comparisons = Comparisons(self.metrics)
+        self._shadows: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.config = IngressConfig(**user_config)
@@ -97,33 +117,47 @@ class Ingress:
                                              *(node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"])])
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
-        return build_http_app(self, IngressMetrics())
+        return build_http_app(self, self.metrics)
 
-    async def model_card(self, *, seen_version: str | None = None, refresh: bool = False) -> ModelCard:
-        """The classifiers' model: its preprocessing travels with every request to the preprocessors. Fetched
-        again once a response shows a version other than the cached one (a swap landed), once per swap, or when
-        asked (`/labels`, which also shows the backend, which can change without a new version)."""
-        async with self._card_lock:
-            if refresh or self._card is None or (seen_version is not None and self._card.version != seen_version):
-                self._card = await self.classifier.card.remote()
-            return self._card
+    async def catalog(self, *, seen: Classified | None = None, routed: str = "", refresh: bool = False) -> Catalog:
+        """The classifiers' models: each one's preprocessing travels with every request to the preprocessors.
+        Fetched again once an answer (`seen`, of an upload sent to the model `routed`, "" for the default) shows a
+        model or version other than the cached one (a swap landed), once per swap, or when asked (`/models`,
+        `/labels`: the backend can change without a new version)."""
+        async with self._catalog_lock:
+            cached = self._catalog
+            if refresh or cached is None or (seen is not None and _stale(cached, seen, routed)):
+                self._catalog = await self.classifier.catalog.remote()
+                self._catalog_at = time.monotonic()
+            return self._catalog  # type: ignore[return-value]
 
-    async def phone_model_info(self) -> dict[str, object] | None:
-        """The model a phone saves for offline use (`bcnn.phone`), without the file; None where none is offered."""
+    async def _catalog_for(self, model: str | None) -> Catalog:
+        catalog = await self.catalog()
+        if model and model not in catalog.cards and time.monotonic() - self._catalog_at > CATALOG_RECHECK_S:
+            catalog = await self.catalog(refresh=True)  # added since, or loaded by a redeploy since it failed
+        return catalog
+
+    async def phone_model_info(self, model: str | None = None) -> dict[str, object] | None:
+        """The model a phone saves for offline use (`bcnn.phone`) to stand in for `model` (default: the default),
+        without the file; None where none is offered."""
         max_bytes = int(self.config.phone_model_max_mb * 2**20)
         if max_bytes == 0:
             return None
-        return await self.classifier.phone_model_info.remote(max_bytes)
+        name = resolve(model, await self._catalog_for(model)) if model else ""
+        return await self.classifier.phone_model_info.remote(max_bytes, name)
 
-    async def phone_model_file(self, sha256: str) -> bytes | None:
+    async def phone_model_file(self, sha256: str, model: str | None = None) -> bytes | None:
         """The phone's model file by its hash, kept here once fetched (phones download it once per model); None
         for a file the classifiers no longer give."""
-        if self._phone_file is not None and self._phone_file[0] == sha256:
-            return self._phone_file[1]
+        if sha256 in self._phone_files:
+            self._phone_files.move_to_end(sha256)
+            return self._phone_files[sha256]
         max_bytes = int(self.config.phone_model_max_mb * 2**20)
-        data = await self.classifier.phone_model_data.remote(sha256, max_bytes) if max_bytes else None
+        data = await self.classifier.phone_model_data.remote(sha256, max_bytes, model or "") if max_bytes else None
         if data is not None:
-            self._phone_file = (sha256, data)
+            self._phone_files[sha256] = data
+            while len(self._phone_files) > PHONE_FILES_KEPT:
+                self._phone_files.popitem(last=False)
         return data
 
     def client_of(self, scope: Scope) -> str:
@@ -139,9 +173,12 @@ class Ingress:
     def release(self, client: str, *, answered: bool) -> None:
         self.admission.release(client, answered=answered)
 
-    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float, client: str) -> Classified:
-        """An admitted upload's answer, once it has had its turn into the pipeline (`Admission.turn`)."""
-        upload = _Upload(data, top_k, request_id, deadline)
+    async def classify(self, data: bytes, top_k: int, request_id: str, deadline: float, client: str,
+                       model: str | None = None) -> Classified:
+        """An admitted upload's answer from `model` (or the default, or their candidate), once it has had its turn
+        into the pipeline (`Admission.turn`)."""
+        chosen = await self._route(model)
+        upload = _Upload(data, top_k, request_id, deadline, chosen.model)
         async with self.admission.turn(client):
             try:
                 outcome = await self._pipeline(upload)
@@ -152,18 +189,59 @@ class Ingress:
                 # Serve routes around the dead replica.
                 log.warning("replica lost (%s); retrying once", type(e).__name__)
                 outcome = await self._pipeline(upload)
-            # While Classifier replicas swap one by one, a resend can reach one still serving the other model.
+            # While Classifier replicas swap one by one, a resend can reach one still serving the other model; and an
+            # upload this replica routed to a model a redeploy just removed (a candidate promoted) is routed again.
             for _ in range(RESENDS_DURING_A_SWAP):
-                if not isinstance(outcome, PreparedForAnotherModel):
+                if isinstance(outcome, PreparedForAnotherModel):
+                    await self.catalog(refresh=True)
+                elif isinstance(outcome, ModelUnavailable) and model is None:
+                    await self.catalog(refresh=True)
+                    chosen = await self._route(None)
+                    upload = replace(upload, model=chosen.model)
+                else:
                     break
-                await self.model_card(refresh=True)
                 outcome = await self._pipeline(upload)
-        if isinstance(outcome, ImageError | Overloaded):
+        if isinstance(outcome, ImageError | Overloaded | ModelUnavailable):
             raise outcome
         if isinstance(outcome, PreparedForAnotherModel):
             raise Overloaded("the model is being swapped", self.admission.retry_after_s())
-        await self.model_card(seen_version=outcome.model_version)  # a swap to the same input size shows here
+        await self.catalog(seen=outcome, routed=upload.model)  # a swap to the same input size shows here
+        if chosen.shadow is not None:
+            self._shadow(replace(upload, deadline=float("inf")), chosen.shadow, outcome)
         return outcome
+
+    async def _route(self, model: str | None) -> Route:
+        """Where an upload goes (`serve_app.candidates.route`); the default is sent as "" (the Classifier's own
+        default), so that a redeploy that changes which model is the default needs no word from this replica."""
+        catalog = await self._catalog_for(model)
+        chosen = route(model, catalog, self.config.candidates)
+        return replace(chosen, model="") if model is None and chosen.model == catalog.default else chosen
+
+    def _shadow(self, upload: _Upload, candidate: str, shown: Classified) -> None:
+        """Send `upload` to `candidate` too, in the background, and compare its answer with `shown`: only while the
+        pipeline has room (`Admission.limits.floor` uploads held at most) and fewer than `max_shadows_in_flight`
+        are out, so that a shadow never takes a place an upload needs."""
+        busy = self.admission.held >= self.admission.limits.floor
+        if busy or len(self._shadows) >= self.config.max_shadows_in_flight:
+            self.comparisons.dropped(shown.model_name, candidate)
+            return
+
+        async def ask() -> None:
+            start = time.monotonic()
+            try:
+                outcome = await self._pipeline(replace(upload, model=candidate))
+            except Exception as e:  # noqa: BLE001 - a shadow's failure is counted, never seen by the client
+                log.warning("shadow request to %s failed: %s: %s", candidate, type(e).__name__, e)
+                outcome = None
+            if isinstance(outcome, Classified):
+                self.comparisons.compare(shown.model_name, candidate, shown.answer, outcome.answer,
+                                         (time.monotonic() - start) * 1000)
+            else:
+                self.comparisons.dropped(shown.model_name, candidate)
+
+        task = asyncio.get_running_loop().create_task(ask())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=CONCURRENT_BATCHES)
     async def _pipeline(self, uploads: list[_Upload]) -> list[Outcome | Overloaded]:
@@ -180,18 +258,35 @@ class Ingress:
         return [Overloaded("its deadline would pass", retry_after) if too_late else next(answers) for too_late in late]
 
     async def _answer(self, uploads: list[_Upload]) -> list[Outcome]:
+        """Each model's uploads in calls of their own (its input size; a forward pass never mixes models)."""
         start = time.monotonic()
-        card = await self.model_card()
-        side = card.preprocess.crop_size
-        parts = split_by_bytes(uploads, pixel_bytes=3 * side * side, budget=CALL_BUDGET_BYTES)
-        outcomes = await asyncio.gather(*(self._prepare_and_classify(part, card) for part in parts))
-        self._batch_s += 0.2 * (time.monotonic() - start - self._batch_s)
-        return list(itertools.chain.from_iterable(outcomes))
+        catalog = await self.catalog()
+        by_model: dict[str, list[int]] = {}
+        for i, upload in enumerate(uploads):
+            by_model.setdefault(upload.model, []).append(i)
 
-    async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard) -> list[Outcome]:
+        async def answer(model: str, positions: list[int]) -> list[Outcome]:
+            card = catalog.cards.get(model or catalog.default)
+            if card is None:  # removed by a redeploy since the upload was routed
+                return [ModelUnavailable(model, catalog.failed.get(model, "not served now"))] * len(positions)
+            side = card.preprocess.crop_size
+            parts = split_by_bytes([uploads[i] for i in positions], pixel_bytes=3 * side * side,
+                                   budget=CALL_BUDGET_BYTES)
+            outcomes = await asyncio.gather(*(self._prepare_and_classify(part, card, model) for part in parts))
+            return list(itertools.chain.from_iterable(outcomes))
+
+        answered = await asyncio.gather(*(answer(model, positions) for model, positions in by_model.items()))
+        outcomes: list[Outcome] = [None] * len(uploads)  # type: ignore[list-item]
+        for positions, results in zip(by_model.values(), answered, strict=True):
+            for i, outcome in zip(positions, results, strict=True):
+                outcomes[i] = outcome
+        self._batch_s += 0.2 * (time.monotonic() - start - self._batch_s)
+        return outcomes
+
+    async def _prepare_and_classify(self, uploads: list[_Upload], card: ModelCard, model: str) -> list[Outcome]:
         preprocessor, classifier = self._stages[self.config.pixels_by_reference]
         prepared = preprocessor.remote([u.data for u in uploads], card.preprocess, tuple(u.request_id for u in uploads))
-        return await classifier.remote(prepared, tuple(u.top_k for u in uploads))
+        return await classifier.remote(prepared, tuple(u.top_k for u in uploads), model)
 
     async def health(self) -> dict[str, object]:
         """Each stage answers (one replica of each is asked), plus Serve's view of every deployment, so that a
@@ -206,7 +301,7 @@ class Ingress:
                 return name, f"unavailable: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
 
         stages = dict(await asyncio.gather(check("preprocessor", self.preprocessor.check_health.remote()),
-                                           check("classifier", self.classifier.card.remote())))
+                                           check("classifier", self.classifier.catalog.remote())))
         deployments = await self._deployments()
         if not all(v == "ok" for v in stages.values()):
             status = "unavailable"
@@ -228,6 +323,11 @@ class Ingress:
         return {name: {"status": str(d.status.value), "running": d.replica_states.get("RUNNING", 0),
                        "starting": d.replica_states.get("STARTING", 0)}
                 for name, d in app.deployments.items()}
+
+
+def _stale(catalog: Catalog, seen: Classified, routed: str) -> bool:
+    card = catalog.cards.get(seen.model_name)
+    return card is None or card.version != seen.model_version or (not routed and seen.model_name != catalog.default)
 
 
 def past_deadline(uploads: list[_Upload], *, now: float, batch_s: float) -> list[bool]:

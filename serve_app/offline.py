@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from urllib.parse import quote
 
 STATIC = files("serve_app").joinpath("static")
 SHELL_FILES = ("photo.js", "ondevice.js", "icon.svg", "icon-192.png", "icon-512.png")
@@ -90,14 +91,15 @@ class WebApp:
                                .replace("%SHELL_VERSION%", shell_version)
                                .replace("%SHELL%", json.dumps(cached_shell))).encode()
 
-    def offline_files(self, phone_model: dict[str, object] | None) -> dict[str, object]:
-        """/offline.json: what "save for offline" downloads, with sizes, or why it cannot."""
+    def offline_files(self, phone_model: dict[str, object] | None, model: str | None = None) -> dict[str, object]:
+        """/offline.json: what "save for offline" downloads (for the service's `model`, or its default), with
+        sizes, or why it cannot."""
         if not self.runtime:
             return {"available": False, "reason": "ONNX Runtime Web is not installed on the service "
                                                   "(make web-runtime): the page works online only"}
         if phone_model is None:
             return {"available": False, "reason": "the service offers no model for phones (phone_model_max_mb: 0)"}
-        model_path = MODEL_PATH.format(sha256=phone_model["sha256"])
+        model_path = MODEL_PATH.format(sha256=phone_model["sha256"]) + (f"?model={quote(model)}" if model else "")
         runtime = {name: {"path": a.path, "bytes": len(a.data)} for name, a in self.runtime.items()}
         return {"available": True, "runtime": runtime, "model": {"path": model_path, **phone_model},
                 "bytes": sum(len(a.data) for a in self.runtime.values()) + int(phone_model["bytes"])}  # type: ignore[call-overload]

@@ -17,6 +17,13 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+_MODEL_PARAMETER = {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                    "description": "a model the service serves (GET /models); none: the default"}
+_UNKNOWN_MODEL = _error("No model of that name: the message lists the names served (code unknown_model)")
+_MODEL_UNAVAILABLE = _error("That model is configured but cannot answer now (it failed to load: code "
+                            "model_unavailable); the others still answer")
+
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Waterbird recognition", "version": "1.0.0",
@@ -25,14 +32,20 @@ OPENAPI: dict[str, Any] = {
         "/classify": {
             "post": {
                 "summary": "Name the waterbird in a photo",
+                "description": "Answered by the model named (`model` in the query, or the form's `model` field), "
+                               "or by the default; where the operator gave that model a candidate, a share of its "
+                               "uploads is answered by the candidate instead. The answer's `model` says which "
+                               "answered.",
                 "parameters": [{"name": "top_k", "in": "query", "required": False,
-                                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}}],
+                                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}},
+                               _MODEL_PARAMETER],
                 "requestBody": {
                     "required": True,
                     "content": {
                         "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                                            "properties": {"file": {"type": "string",
-                                                                                   "format": "binary"}}}},
+                                                                                   "format": "binary"},
+                                                                          "model": {"type": "string"}}}},
                         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                         "image/png": {"schema": {"type": "string", "format": "binary"}},
                         "image/webp": {"schema": {"type": "string", "format": "binary"}},
@@ -42,13 +55,15 @@ OPENAPI: dict[str, Any] = {
                     "200": {"description": "The ranked species",
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Answer"}}}},
                     "400": _error("Not a usable image: empty, truncated, not an image, or no 'file' field"),
+                    "404": _UNKNOWN_MODEL,
                     "408": _error("The upload did not arrive in time"),
                     "413": _error("Body over the size limit, or image over the pixel limit"),
                     "415": _error("A format outside JPEG, PNG, WebP, GIF, BMP, TIFF"),
                     "429": _error("This client (its address, as the service's proxies saw it) holds its share of the "
                                   "service while others wait; Retry-After is when its uploads should be answered"),
                     "503": _error("At capacity: the upload would wait longer than the service admits; "
-                                  "Retry-After is the wait it expects, in seconds"),
+                                  "Retry-After is the wait it expects, in seconds. Or the model named cannot answer "
+                                  "now (code model_unavailable)"),
                     "504": _error("The request took longer than the request timeout"),
                 },
             }
@@ -56,20 +71,28 @@ OPENAPI: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Every stage has a live replica with its model loaded",
                              "responses": {"200": {"description": "Healthy"},
                                            "503": {"description": "A stage is not serving"}}}},
-        "/labels": {"get": {"summary": "The model's classes",
+        "/labels": {"get": {"summary": "The model's classes", "parameters": [_MODEL_PARAMETER],
                             "responses": {"200": {"description": "Model and labels",
                                                   "content": {"application/json": {"schema": {
                                                       "$ref": "#/components/schemas/Labels"}}}},
+                                          "404": _UNKNOWN_MODEL, "503": _error("No model loaded")}}},
+        "/models": {"get": {"summary": "Every model served, the default first, with its candidate and their "
+                                       "agreement so far (in the replica that answers)",
+                            "responses": {"200": {"description": "The models",
+                                                  "content": {"application/json": {"schema": {
+                                                      "$ref": "#/components/schemas/Models"}}}},
                                           "503": _error("No model loaded")}}},
         "/offline.json": {"get": {
             "summary": "What the page saves for offline use: ONNX Runtime Web's files and the phone's model",
+            "parameters": [_MODEL_PARAMETER],
             "responses": {"200": {"description": "Files with their sizes, or why none are offered",
                                   "content": {"application/json": {"schema": {
                                       "$ref": "#/components/schemas/OfflineFiles"}}}},
                           "503": _error("No model loaded")}}},
         "/model/{sha256}.onnx": {"get": {
             "summary": "The phone's model (docs/offline.md): an ONNX file named by its SHA-256, never changing",
-            "parameters": [{"name": "sha256", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [{"name": "sha256", "in": "path", "required": True, "schema": {"type": "string"}},
+                           _MODEL_PARAMETER],
             "responses": {"200": {"description": "The ONNX file",
                                   "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                       "format": "binary"}}}},
@@ -148,6 +171,31 @@ OPENAPI: dict[str, Any] = {
                                   "properties": {k: {"type": "number"} for k in ("preprocess", "inference", "total")}},
                 },
             },
+            "Models": {
+                "type": "object", "required": ["default", "models"],
+                "properties": {
+                    "default": {"type": "string", "description": "the model answering uploads that name none"},
+                    "models": {"type": "array", "items": {
+                        "type": "object", "required": ["name", "ready", "default"],
+                        "properties": {
+                            "name": {"type": "string"}, "version": {"type": "string"}, "default": {"type": "boolean"},
+                            "ready": {"type": "boolean", "description": "false: configured, failed to load (error)"},
+                            "error": {"type": "string"},
+                            "species": {"type": "integer", "description": "classes it answers with"},
+                            "input_size": {"type": "integer", "description": "pixels a side"},
+                            "backend": {"type": "string"}, "device": {"type": "string"},
+                            "phone": {"type": "boolean", "description": "a phone can save it for offline use (else "
+                                      "the offline page stands in with the embedded default)"},
+                            "candidate": {"type": "object", "description": "a model answering for this one on a "
+                                          "share of its uploads, or beside it in the background (shadow)",
+                                          "properties": {
+                                              "model": {"type": "string"}, "share": {"type": "number"},
+                                              "shadow": {"type": "number"}, "served": {"type": "boolean"},
+                                              "compared": {"type": "integer"}, "dropped": {"type": "integer"},
+                                              "agreement": {"type": "object", "description": "shares of the shadow "
+                                                            "answers compared that agreed with the shown ones",
+                                                            "additionalProperties": {"type": ["number", "null"]}},
+                                              "candidate_latency_ms_p50": {"type": ["number", "null"]}}}}}}}},
             "Labels": {"type": "object", "required": ["model", "labels"],
                        "properties": {"model": {"$ref": "#/components/schemas/Model"},
                                       "labels": {"type": "array", "items": {"type": "string"}}}},

@@ -17,8 +17,9 @@ import torch
 from bcnn.backends import Backend, InFlight
 from bcnn.models import get_weights
 from bcnn.predict import Predictor
-from deployments.classifier import BATCHES_IN_FLIGHT, Classifier
+from deployments.classifier import BATCHES_IN_FLIGHT, Classifier, _Images
 from deployments.device_watch import DeviceWatch
+from deployments.messages import ModelUnavailable, PreparedBatch
 from load.bare_model import random_bcnn_checkpoint
 from load.devices import DeviceTiming, SimulatedDevice
 
@@ -77,6 +78,34 @@ async def _batch(replica: Classifier, n: int) -> list[dict[str, object]]:
 
 def _classify(replica: Classifier, runner: asyncio.Runner, n: int = 2) -> list[dict[str, object]]:
     return runner.run(_batch(replica, n))
+
+
+def test_every_configured_model_is_served_by_name_and_one_that_fails_to_load_fails_alone(checkpoint: Path) -> None:
+    """#37: the default and the models beside it are loaded in each replica; a new model that does not load is
+    listed as failed and answered for with ModelUnavailable while the others serve; a swap of one that does not load
+    keeps the old one serving and fails the update; a model no longer configured is dropped."""
+    good = {"checkpoint": str(checkpoint), "backend": "torch"}
+    with asyncio.Runner() as runner:
+        replica = Classifier.func_or_class()
+        runner.run(replica.reconfigure({**good, "name": "first", "models": {
+            "second": {**good, "waterbird_threshold": 0.9}, "broken": {"checkpoint": "/nonexistent.pt"}}}))
+        catalog = replica.catalog()
+        assert (catalog.default, list(catalog.cards)) == ("first", ["first", "second"])
+        assert list(catalog.failed) == ["broken"]
+        assert catalog.cards["second"].preprocess.crop_size == SIDE and catalog.cards["second"].parameter_bytes > 0
+        part = _Images("second", _pixels(3), (2,) * 3, (0.0,) * 3)
+        [answers] = runner.run(replica._classify_model("second", [part]))
+        assert [(a.model_name, len(a.answer["predictions"])) for a in answers] == [("second", 2)] * 3
+        batch = PreparedBatch(_pixels(2), (0.0, 0.0), {}, ("r1", "r2"))
+        refused = runner.run(replica(batch, (1, 1), "broken"))
+        assert all(isinstance(o, ModelUnavailable) and "nonexistent" in str(o) for o in refused)
+
+        with pytest.raises(RuntimeError, match="'second'.*failed to load"):
+            runner.run(replica.reconfigure({**good, "name": "first", "models": {
+                "second": {"checkpoint": "/nonexistent.pt"}}}))
+        assert list(replica.catalog().cards) == ["first", "second"]  # the old second serves on
+        runner.run(replica.reconfigure({**good, "name": "first"}))
+        assert list(replica.catalog().cards) == ["first"] and not replica.catalog().failed
 
 
 def test_out_of_memory_fails_its_batch_only_and_a_device_failure_fails_the_health_check(

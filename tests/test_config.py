@@ -61,3 +61,16 @@ def test_settings_are_frozen() -> None:
     config = IngressConfig()
     with pytest.raises(pydantic.ValidationError):
         config.max_body_mb = 1  # type: ignore[misc]
+
+
+def test_models_beside_the_default_and_candidates_are_named_and_checked() -> None:
+    config = ClassifierConfig(name="lite0", models={"vgg-172": {"checkpoint": "/models/model_172.pth",
+                                                                "classes_file": "/models/classes_172.txt"}})
+    assert config.model().checkpoint == "default" and config.models["vgg-172"].classes_file.endswith(".txt")
+    with pytest.raises(pydantic.ValidationError, match="model name 'a b'"):
+        ClassifierConfig(models={"a b": {}})
+    with pytest.raises(pydantic.ValidationError, match="threads"):
+        ClassifierConfig(models={"vgg": {"threads": 2}})  # the replica's, shared by every model
+    assert IngressConfig(candidates={"lite0": {"model": "vgg-172", "share": 0.2}}).candidates["lite0"].share == 0.2
+    with pytest.raises(pydantic.ValidationError, match="share"):
+        IngressConfig(candidates={"lite0": {"model": "vgg-172", "share": 1.5}})

@@ -149,6 +149,73 @@ def test_other_routes(pipeline: LocalPipeline) -> None:
         assert (got[name].status_code, got[name].json()["error"]["code"]) == (status, code), name
 
 
+def test_a_model_is_chosen_by_name_and_an_unknown_name_is_a_404_that_lists_the_names() -> None:
+    """#37: `?model=` and the form's `model` field choose; the default answers otherwise; a name not served is a
+    404 listing the names, a model that failed to load a 503 for it alone; /models and /labels follow."""
+    broken = "model 'broken' (/models/broken.pt) failed to load: no such file"
+    pipeline = LocalPipeline(names=("waterbirds-imagenet", "second"), failed={"broken": broken})
+    data = images.jpeg()
+
+    async def scenario(client: httpx.AsyncClient) -> dict[str, httpx.Response]:
+        post = {"default": {}, "query": {"params": {"model": "second"}},
+                "form": {"files": {"file": ("bird.jpg", data, "image/jpeg")}, "data": {"model": "second"}},
+                "unknown": {"params": {"model": "nope"}}, "broken": {"params": {"model": "broken"}}}
+        got = {name: await client.post("/classify", **({"content": data, "headers": {"Content-Type": "image/jpeg"}}
+                                                       if "files" not in kwargs else {}), **kwargs)
+               for name, kwargs in post.items()}
+        got["models"] = await client.get("/models")
+        got["labels"] = await client.get("/labels", params={"model": "second"})
+        got["labels_unknown"] = await client.get("/labels", params={"model": "nope"})
+        return got
+
+    got = _call(pipeline, scenario)
+    for name, model in (("default", "waterbirds-imagenet"), ("query", "second"), ("form", "second")):
+        assert got[name].status_code == 200, (name, got[name].text)
+        jsonschema.validate(got[name].json(), _schema("Answer"))
+        assert got[name].json()["model"]["name"] == model, name
+    for name in ("unknown", "labels_unknown"):
+        error = got[name].json()["error"]
+        assert (got[name].status_code, error["code"]) == (404, "unknown_model"), name
+        assert all(n in error["message"] for n in ("waterbirds-imagenet", "second", "broken")), error
+    error = got["broken"].json()["error"]
+    assert (got["broken"].status_code, error["code"]) == (503, "model_unavailable")
+    assert "no such file" in error["message"]
+    assert got["broken"].headers["Retry-After"]
+    models = got["models"].json()
+    jsonschema.validate(models, _schema("Models"))
+    assert models["default"] == "waterbirds-imagenet"
+    assert [(m["name"], m["ready"], m["default"]) for m in models["models"]] == [
+        ("waterbirds-imagenet", True, True), ("second", True, False), ("broken", False, False)]
+    assert models["models"][0]["species"] == 23 and models["models"][0]["input_size"] == 224
+    assert models["models"][0]["phone"] is True  # the embedded default, 19 MB: under phone_model_max_mb
+    assert models["models"][2]["error"] == broken
+    assert got["labels"].json()["model"]["name"] == "second"
+
+
+def test_a_canary_answers_its_share_and_a_candidate_not_served_is_passed_over() -> None:
+    config = IngressConfig(candidates={"waterbirds-imagenet": {"model": "second", "share": 0.5},
+                                       "second": {"model": "missing", "share": 1.0}})
+    pipeline = LocalPipeline(config, names=("waterbirds-imagenet", "second"))
+
+    async def scenario(client: httpx.AsyncClient) -> tuple[list[str], list[str], httpx.Response]:
+        async def answered_by(**kwargs: Any) -> str:
+            response = await client.post("/classify", content=images.jpeg(), headers={"Content-Type": "image/jpeg"},
+                                         **kwargs)
+            assert response.status_code == 200, response.text
+            return response.json()["model"]["name"]
+
+        unnamed = [await answered_by() for _ in range(40)]
+        named = [await answered_by(params={"model": "second"}) for _ in range(5)]
+        return unnamed, named, await client.get("/models")
+
+    unnamed, named, models = _call(pipeline, scenario)
+    assert 0 < unnamed.count("second") < 40 and set(unnamed) == {"waterbirds-imagenet", "second"}
+    assert named == ["second"] * 5  # its own candidate is not served: it answers itself
+    listed = {m["name"]: m for m in models.json()["models"]}
+    assert listed["waterbirds-imagenet"]["candidate"]["share"] == 0.5
+    assert listed["second"]["candidate"]["served"] is False
+
+
 def test_every_status_the_table_gives_is_in_the_openapi_document() -> None:
     documented = set(OPENAPI["paths"]["/classify"]["post"]["responses"]) | {"404"}  # 404: other paths
     assert {str(status) for _, status, _ in ERRORS} <= documented

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -181,3 +182,57 @@ def test_a_busy_service_is_waited_for_and_retried(page, service: Service, mapped
     assert len(sent) == 2
     assert page.locator("#species").inner_text() == WATERBIRD_NAMES[photo.imagenet_label]
     assert page.get_by_role("alert").is_hidden()
+
+
+@pytest.fixture
+def two_models() -> Iterator[str]:
+    """The HTTP face over tests/local_pipeline.py serving the embedded default under two names, on a port of its
+    own (uvicorn on a thread): the page's model choice needs no cluster."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from serve_app.http import build_http_app
+    from tests.local_pipeline import LocalPipeline
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_http_app(LocalPipeline(names=("waterbirds-imagenet", "second"))),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_where_several_models_are_served_a_person_chooses_one(browser, two_models: str,  # noqa: ANN001
+                                                                mapped_photos: list[Photo]) -> None:
+    """#37: the page offers the models /models lists, the default chosen; the choice goes with each photo, the
+    answer says which model gave it, the offline files asked for are the chosen model's, and the choice is kept
+    for the next visit."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.goto(two_models + "/")
+    choice = page.get_by_label("Model", exact=True)
+    choice.wait_for()
+    assert choice.input_value() == "waterbirds-imagenet"
+    assert page.locator("#model option").all_inner_texts() == ["waterbirds-imagenet (23 species, default)",
+                                                               "second (23 species)"]
+    _answered(page, mapped_photos[0].path)
+    assert "model waterbirds-imagenet " in page.locator("#meta").inner_text()
+    choice.select_option("second")
+    _answered(page, mapped_photos[0].path)
+    assert "model second " in page.locator("#meta").inner_text()
+    page.wait_for_function("performance.getEntriesByType('resource').some(e => e.name.endsWith('?model=second'))")
+    assert any(url.endswith("/offline.json?model=second") for url in asked), asked
+    page.reload()
+    page.get_by_label("Model", exact=True).wait_for()
+    assert page.get_by_label("Model", exact=True).input_value() == "second"  # kept on this device
+    context.close()

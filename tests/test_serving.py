@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import sys
@@ -194,6 +195,88 @@ def test_redeploy_with_a_new_checkpoint_swaps_in_place_with_no_failed_request(
         warmed = [m for m in logs
                   if "lite0-copy" in m and m.endswith("warmed up on the inference thread for batch sizes 1")]
         assert len(warmed) >= len(replicas_before), logs[-10:]
+    finally:
+        service.deploy(load_config())
+
+
+def _answered_by(url: str, data: bytes, count: int, *, users: int = 4) -> list[str]:
+    """The model that answered each of `count` uploads of `data` sent by `users` at once (all must be answered)."""
+
+    async def main() -> list[str]:
+        names: list[str] = []
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def user(n: int) -> None:
+                for _ in range(n):
+                    response = await client.post(url, content=data, headers={"Content-Type": "image/jpeg"})
+                    assert response.status_code == 200, response.text
+                    names.append(response.json()["model"]["name"])
+
+            await asyncio.gather(*(user(count // users + (i < count % users)) for i in range(users)))
+        return names
+
+    return asyncio.run(main())
+
+
+def test_several_models_side_by_side_a_canary_a_shadow_and_a_promotion_under_load(
+        service: Service, photos: list[Photo], tmp_path: Path) -> None:
+    """#37: a second model beside the default in every Classifier; `?model=` chooses, an unknown name is a 404
+    listing the names; a canary share of 0.2 answers 0.15-0.25 of 1,000 unnamed uploads; a shadow of 1.0 leaves
+    every shown answer the default's and its comparisons counted (the candidate here the same weights converted,
+    so every one agrees); promoting the candidate (a `serve deploy`) under load fails no request."""
+    checkpoint = tmp_path / "lite0-copy.pt"
+    subprocess.run([sys.executable, "-m", "bcnn", "convert", "default", "--out", str(checkpoint)], check=True)
+    default = httpx.get(service.url + "/labels", timeout=30).json()["model"]["name"]
+    config = load_config()
+    deployment(config, "Classifier")["user_config"]["models"] = {"lite0-copy": {"checkpoint": str(checkpoint)}}
+    ingress = deployment(config, "Ingress")["user_config"]
+    ingress["candidates"] = {default: {"model": "lite0-copy", "share": 0.2}}
+    url, data = service.url + "/classify", images.jpeg()
+    try:
+        service.deploy(config)
+        models = httpx.get(service.url + "/models", timeout=30).json()
+        assert [(m["name"], m["ready"]) for m in models["models"]] == [(default, True), ("lite0-copy", True)]
+        assert _post(service, data, params={"model": "lite0-copy"}).json()["model"]["name"] == "lite0-copy"
+        unknown = _post(service, data, params={"model": "nope"})
+        assert unknown.status_code == 404 and default in unknown.json()["error"]["message"]
+        offline = httpx.get(service.url + "/offline.json", params={"model": "lite0-copy"}, timeout=120).json()
+        if offline["available"]:  # where ONNX Runtime Web is installed (make web-runtime): the chosen model's file
+            phone = offline["model"]
+            assert phone["path"].endswith("?model=lite0-copy") and phone["name"] == "lite0-copy", phone
+            file = httpx.get(f"{service.url}/{phone['path']}", timeout=60).content
+            assert hashlib.sha256(file).hexdigest() == phone["sha256"]
+        else:
+            assert "ONNX Runtime Web" in offline["reason"], offline
+
+        names = _answered_by(url, data, 1000)
+        assert 0.15 <= names.count("lite0-copy") / 1000 <= 0.25, names.count("lite0-copy")
+
+        ingress["candidates"] = {default: {"model": "lite0-copy", "shadow": 1.0}}
+        service.deploy(config)  # the Ingress's settings alone: in place
+        assert set(_answered_by(url, data, 100)) == {default}
+
+        def compared(metrics: Samples) -> bool:
+            top1 = [(s["agreed"], v) for s, v in metrics["ray_waterbirds_shadow_compared_total"]
+                    if s["measure"] == "top1"]
+            dropped = sum(v for _, v in metrics.get("ray_waterbirds_shadow_dropped_total", []))
+            return sum(v for _, v in top1) + dropped >= 100
+
+        metrics = _scrape(("ray_waterbirds_shadow_compared_total",), until=compared)
+        assert all(s["agreed"] == "true" for s, v in metrics["ray_waterbirds_shadow_compared_total"] if v > 0)
+
+        promoted = load_config()
+        deployment(promoted, "Classifier")["user_config"]["checkpoint"] = str(checkpoint)
+        uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos[:20]]
+        with BackgroundLoad(url, uploads, users=6) as load:
+            service.deploy(promoted)
+            for _ in range(120):
+                if _post(service, data).json()["model"]["name"] == "lite0-copy":
+                    break
+                time.sleep(1)
+            else:
+                pytest.fail("the promoted model never answered")
+        assert load.result is not None and load.result.statuses == {200: len(load.result.outcomes)}, \
+            load.result.summary()
+        assert [m["name"] for m in httpx.get(service.url + "/models", timeout=30).json()["models"]] == ["lite0-copy"]
     finally:
         service.deploy(load_config())
 

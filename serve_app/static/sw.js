@@ -3,7 +3,7 @@
 //   changes this file, the browser installs it at the next visit online, and the old shell is deleted.
 // - "Save for offline" (the page) puts ONNX Runtime Web and the phone's model in the "waterbirds-offline" cache.
 // - assets/ and model/ URLs name their content: served from a cache when there, never revalidated.
-// - The page, offline.json and labels: the network first (a few seconds at most), else the copy kept.
+// - The page, offline.json, labels and models: the network first (a few seconds at most), else the copy kept.
 // - Uploads (POST) and everything else go to the network untouched.
 const SHELL_VERSION = "%SHELL_VERSION%";
 const SHELL = %SHELL%;
@@ -58,7 +58,7 @@ self.addEventListener("fetch", (event) => {
     event.respondWith(networkFirst(request, ""));
   } else if (path.startsWith("assets/") || path.startsWith("model/")) {
     event.respondWith(cacheFirst(request));
-  } else if (path === "offline.json" || path === "labels" || path === "manifest.webmanifest") {
+  } else if (path === "offline.json" || path === "labels" || path === "models" || path === "manifest.webmanifest") {
     event.respondWith(networkFirst(request, path));
   }
 });
