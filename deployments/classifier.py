@@ -127,7 +127,6 @@ class Classifier:
                     getattr(current.config, f) == getattr(spec, f) for f in _LOAD_FIELDS):
                 current.predictor.threshold = spec.waterbird_threshold
                 current.predictor.species_threshold = spec.species_threshold
-                current.phone.clear()
                 if old is not None and config.max_batch_size != old.max_batch_size:
                     await self._warm_up(current.predictor, config.max_batch_size)
                 current = _Served(name or current.predictor.weights.name, spec, current.predictor,
