@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,15 +41,18 @@ def polite(url: str, uploads: list[Upload], *, users: int, seconds: float) -> di
 
 
 def _greedy(url: str, uploads: list[Upload], connections: int, addresses: list[str], running: Any, stop: Any) -> dict:
-    """The greedy client, in its own process until `stop` is set (then its requests in flight are answered);
+    """The greedy client, in its own process until `stop` is set (then its requests in flight are answered) or the
+    process that started it is gone (killed: else it would go on sending to whatever listens next on the port);
     `running` is set once it sends."""
+    parent = os.getppid()
 
     async def main() -> LoadResult:
         stopped = asyncio.Event()
 
         async def watch() -> None:
             running.set()
-            while not stop.is_set():  # a multiprocessing event cannot be awaited: looked at 10 times a second
+            # A multiprocessing event cannot be awaited: looked at 10 times a second.
+            while os.getppid() == parent and not _is_set(stop):
                 await asyncio.sleep(0.1)
             stopped.set()
 
@@ -79,7 +83,7 @@ def contest(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seco
     with CpuWatch() as calm_cpu:
         report["calm"] = polite(url, uploads, users=users, seconds=calm_seconds)
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context) as pool:
+    with context.Manager() as manager, ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
         running, stop = manager.Event(), manager.Event()
         addresses = [f"127.0.2.{i + 1}" for i in range(greedy_address_count)]
         greedy = pool.submit(_greedy, url, uploads, connections, addresses, running, stop)
@@ -112,6 +116,14 @@ def contest(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seco
                             for phase, p in (("calm", calm), ("contended", contended))}
         report["ms_per_refusal"] = refusal_cost(calm, contended)
     return report
+
+
+def _is_set(event: Any) -> bool:
+    """A manager's event, as False once the manager is gone with the process that started it."""
+    try:
+        return bool(event.is_set())
+    except (OSError, EOFError):
+        return True
 
 
 def run(s: Settings) -> list[dict[str, Any]]:
