@@ -79,7 +79,7 @@ class UnknownModel(LookupError):
     """An upload names a model the service does not serve (404)."""
 
     def __init__(self, name: str, served: list[str]) -> None:
-        super().__init__(f"No model is named {name!r}; this service serves: {', '.join(served)}.")
+        super().__init__(f"No model is named {name[:80]!r}; this service serves: {', '.join(served)}.")
 
 
 class ModelUnavailable(Exception):

@@ -359,7 +359,8 @@ def access_log(request_id: str, client: str, status: int, total_ms: float, resul
         top = result.answer["predictions"][0]  # type: ignore[index]
         fields.update(preprocess_ms=round(result.preprocess_ms, 2), inference_ms=round(result.inference_ms, 2),
                       batch_size=result.batch_size, species=top["label"], score=top["score"],
-                      is_waterbird=result.answer["is_waterbird"], model_version=result.model_version)
+                      is_waterbird=result.answer["is_waterbird"], model=result.model_name,
+                      model_version=result.model_version)
     if code:
         fields["error_code"] = code
     log.info("classify %s %d %.1f ms", request_id, status, total_ms, extra={"access": fields})
