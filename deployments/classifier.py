@@ -264,6 +264,8 @@ class Classifier:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, batch_size_fn=_count_images,
                  max_concurrent_batches=BATCHES_IN_FLIGHT)
     async def _classify_batch(self, parts: list[_Images]) -> list[list[Outcome]]:
+        if all(p.model == parts[0].model for p in parts):  # one model served, or one asked for: no regrouping
+            return await self._classify_model(parts[0].model, parts)
         by_model: dict[str, list[_Images]] = {}
         for part in parts:
             by_model.setdefault(part.model, []).append(part)

@@ -114,6 +114,11 @@ class IngressConfig(_Strict):
     # Shadow requests use spare capacity only: past this many in flight per replica, more are dropped and counted.
     max_shadows_in_flight: int = Field(8, ge=0, description="shadow requests in flight at once at most")
 
+    @property
+    def phone_model_max_bytes(self) -> int:
+        """`phone_model_max_mb` in bytes: the largest model's float32 weights a phone saves (`bcnn.phone`)."""
+        return int(self.phone_model_max_mb * 2**20)
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -119,7 +119,7 @@ def contest(url: str, uploads: list[Upload], *, seconds: float = 30.0, calm_seco
 
 
 def _is_set(event: Any) -> bool:
-    """A manager's event, as False once the manager is gone with the process that started it."""
+    """A manager's event; set (stop) once the manager is gone with the process that started it."""
     try:
         return bool(event.is_set())
     except (OSError, EOFError):

@@ -262,13 +262,12 @@ def models_body(catalog: Catalog, config: IngressConfig,
                 comparisons: dict[tuple[str, str], dict[str, object]]) -> dict[str, object]:
     """/models: every model configured, the default first, with what a client or the page needs to choose one, its
     candidate (if any) and how that candidate has agreed with it so far in this replica."""
-    phone_bytes = config.phone_model_max_mb * 2**20
     listed: list[dict[str, object]] = []
     for name, card in catalog.cards.items():
         entry: dict[str, object] = {
             "name": name, "version": card.version, "default": name == catalog.default, "ready": True,
             "species": len(card.labels), "input_size": card.preprocess.crop_size, "backend": card.backend,
-            "device": card.device, "phone": 0 < card.parameter_bytes <= phone_bytes}
+            "device": card.device, "phone": 0 < card.parameter_bytes <= config.phone_model_max_bytes}
         candidate = config.candidates.get(name)
         if candidate is not None:
             entry["candidate"] = {**candidate.model_dump(), "served": candidate.model in catalog.cards,

@@ -140,7 +140,7 @@ class Ingress:
     async def phone_model_info(self, model: str | None = None) -> dict[str, object] | None:
         """The model a phone saves for offline use (`bcnn.phone`) to stand in for `model` (default: the default),
         without the file; None where none is offered."""
-        max_bytes = int(self.config.phone_model_max_mb * 2**20)
+        max_bytes = self.config.phone_model_max_bytes
         if max_bytes == 0:
             return None
         name = resolve(model, await self._catalog_for(model)) if model else ""
@@ -152,7 +152,7 @@ class Ingress:
         if sha256 in self._phone_files:
             self._phone_files.move_to_end(sha256)
             return self._phone_files[sha256]
-        max_bytes = int(self.config.phone_model_max_mb * 2**20)
+        max_bytes = self.config.phone_model_max_bytes
         data = await self.classifier.phone_model_data.remote(sha256, max_bytes, model or "") if max_bytes else None
         if data is not None:
             self._phone_files[sha256] = data

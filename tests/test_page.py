@@ -205,6 +205,7 @@ def two_models() -> Iterator[str]:
     thread.start()
     while not server.started:
         thread.join(0.05)
+        assert thread.is_alive(), "uvicorn did not start"
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
