@@ -291,17 +291,27 @@ def route_of(path: str) -> str:
 
 
 def observed(app: ASGIApp, metrics: IngressMetrics) -> ASGIApp:
-    """Count every response by route and outcome."""
+    """Count every response by route and outcome, and write the access line of each that `/classify` does not
+    write itself (its answers and errors: `access_log`; its refusals at the door: `RefusalLog`). The Ingress's
+    deployment turns Serve's own access log off (serve_config.yaml), so that each request has one line, not two."""
 
     async def wrapper(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
         route = route_of(scope["path"])
+        start = time.perf_counter()
+        logged_by_route = route == "/classify" and scope["method"] == "POST"
 
         async def send_observed(message: Message) -> None:
             if message["type"] == "http.response.start":
-                metrics.requests.inc(tags={"route": route, "outcome": outcome_of(message["status"])})
+                status = message["status"]
+                metrics.requests.inc(tags={"route": route, "outcome": outcome_of(status)})
+                if not logged_by_route:
+                    total_ms = (time.perf_counter() - start) * 1000
+                    log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, total_ms,
+                             extra={"access": {"route": route, "method": scope["method"], "status": status,
+                                               "latency_ms": round(total_ms, 2)}})
             await send(message)
 
         await app(scope, receive, send_observed)

@@ -476,10 +476,16 @@ def test_one_structured_access_line_per_request(service: Service, mapped_photos:
     photo = mapped_photos[1]
     _post(service, photo.path.read_bytes(), headers={"X-Request-ID": "access-log-7"})
     _post(service, images.SVG, "image/svg+xml", headers={"X-Request-ID": "access-log-8"})
-    records = [r for logs in service.replica_logs("Ingress").values() for r in logs if "access" in r]
+    assert httpx.get(service.url + "/labels", headers={"X-Request-ID": "access-log-9"}, timeout=30).status_code == 200
+    every = [r for logs in service.replica_logs("Ingress").values() for r in logs]
+    records = [r for r in every if "access" in r]
     ok = [r for r in records if r.get("request_id") == "access-log-7"]
     refused = [r for r in records if r.get("request_id") == "access-log-8"]
     assert len(ok) == 1 and len(refused) == 1
+    # ... and no second line from Serve (its access log is off for the Ingress); other routes get theirs here.
+    assert not [r for r in every if r.get("request_id") == "access-log-7" and r["message"].startswith("POST ")]
+    labels = [r["access"] for r in records if r.get("request_id") == "access-log-9"]
+    assert labels == [{**labels[0], "route": "/labels", "method": "GET", "status": 200}]
     assert ok[0]["access"]["client"] == "127.0.0.1"  # the address the request came from, for fair admission
     assert ok[0]["access"]["status"] == 200 and ok[0]["access"]["species"] == photo.imagenet_label
     assert {"latency_ms", "preprocess_ms", "inference_ms", "is_waterbird"} <= ok[0]["access"].keys()
