@@ -156,9 +156,11 @@ def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image
 
 def _upright(image: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(image) or image
+        # In place: a photo already upright (most) is not copied, as it would be otherwise.
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception:  # a damaged EXIF block should not cost the user their answer; keep the stored orientation
-        return image
+        pass
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
