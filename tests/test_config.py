@@ -26,6 +26,14 @@ def test_every_shipped_setting_validates(name: str) -> None:
         config(**deployments[deployment].get("user_config", {}))
 
 
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.local.yaml"])
+def test_the_ingress_logs_as_the_application_does_but_writes_the_access_lines_itself(name: str) -> None:
+    """A deployment's logging_config replaces the application's whole; only Serve's access log may differ."""
+    config = yaml.safe_load((ROOT / name).read_text())
+    [ingress] = [d for d in config["applications"][0]["deployments"] if d["name"] == "Ingress"]
+    assert ingress["logging_config"] == {**config["logging_config"], "enable_access_log": False}
+
+
 def test_a_misspelt_setting_is_refused_by_name() -> None:
     with pytest.raises(pydantic.ValidationError, match="max_batch_sise"):
         ClassifierConfig(max_batch_sise=64)
