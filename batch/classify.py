@@ -1,9 +1,10 @@
 """Whole photo collections: every photo of a folder, a list of files or a bucket classified with Ray Data, one
 record per photo, resumable.
 
-The photos are read and decoded by a pool of CPU actors and classified by a pool of model actors (one GPU each on
-GPU nodes; ONNX Runtime on CPUs, as the service's `auto` backend), in batches, streaming: memory stays flat whatever
-the collection's size. Each record is written the moment its batch is done, flushed, so the output file is the
+On GPU nodes the photos are read and decoded by a pool of CPU actors and classified by a pool of model actors (one
+GPU each); on CPUs each model actor (ONNX Runtime, as the service's `auto` backend) decodes its own batches, one per
+core, since decoding elsewhere would take the same cores and add a hop. In batches, streaming: memory stays flat
+whatever the collection's size. Each record is written the moment its batch is done, flushed, so the output file is the
 checkpoint: the same command again skips every photo it holds and classifies the rest. The answers are the
 service's: the same preprocessing (`bcnn.preprocess.load_image`), model, thresholds and species rule
 (`bcnn.predict.Predictor`), the same record (`bcnn.answers.Answer.to_dict`), and for a photo that cannot be read the
@@ -123,6 +124,18 @@ class Classify:
             records.append(json.dumps(record, ensure_ascii=False))
             kinds.append(kind(record))
         return {"record": np.array(records, dtype=object), "kind": np.array(kinds, dtype=object)}
+
+
+class DecodeAndClassify:
+    """Actor, on CPUs: a batch of paths decoded and classified in one process. The decoding and the forward pass
+    share the cores anyway, and a stage between them cost each photo a trip through the object store and Ray Data's
+    scheduling of one more operator (docs/performance.md, "Whole collections")."""
+
+    def __init__(self, preprocess: Preprocess, max_pixels: int, **model: Any) -> None:
+        self.decode, self.classify = Decode(preprocess, max_pixels), Classify(**model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.classify(self.decode(batch))
 
 
 @dataclass
@@ -246,14 +259,14 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = ray.cluster_resources().get("CPU", 1.0)
     # On CPUs one model actor per `threads` cores: the forward pass is most of the work, and more actors than cores
-    # only took turns on them. Each holds three quarters of its cores, so that the decoding actors (a quarter of a
-    # CPU each, one per CPU left, one at least) run beside them: a run whose decoders cannot start would wait forever.
+    # only took turns on them. Each holds three quarters of its cores, so that Ray Data's reading tasks (a bucket's
+    # files) still find a CPU: a run whose readers cannot start would wait forever.
     actor_cpus = 0 if gpus else settings.threads * ACTOR_SHARE_OF_CORES
     room = gpus if gpus else int(cpus // settings.threads)
     actors = settings.actors or room
     if actors > max(room, 1) or room < 1:
-        raise ValueError(f"{actors} model actors do not fit this cluster ({cpus:g} CPUs, {gpus} GPUs) beside a "
-                         f"decoding actor; ask for at most {max(room, 1)}")
+        raise ValueError(f"{actors} model actors do not fit this cluster ({cpus:g} CPUs, {gpus} GPUs); ask for at "
+                         f"most {max(room, 1)}")
     decoders = max(1, int(cpus - actors * actor_cpus))
     # On a CPU a pass's memory grows with the batch's pixels, and a larger batch gains nothing there: 32 photos at
     # 224, fewer in proportion at larger inputs, so that a model actor's memory stays about the same.
@@ -267,17 +280,21 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
         dataset = ray.data.from_items([{"path": p} for p in todo_paths], override_num_blocks=blocks)
     # Pools that start at their size and keep a minimum of 1: Ray Data warns where a small collection cannot keep a
     # minimum of several actors busy. Decoders beyond the first start as their queue grows.
-    dataset = dataset.map_batches(
-        Decode, batch_size=batch_size, num_cpus=DECODE_CPUS,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=1),
-        fn_constructor_kwargs={"preprocess": weights.preprocess, "max_pixels": settings.max_pixels})
-    dataset = dataset.map_batches(
-        Classify, batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
-        num_gpus=1 if gpus else 0, num_cpus=actor_cpus,
-        fn_constructor_kwargs={"checkpoint": settings.checkpoint, "classes_file": settings.classes_file,
-                               "threshold": settings.threshold, "backend": settings.backend,
-                               "threads": settings.threads, "top_k": settings.top_k})
+    decoding = {"preprocess": weights.preprocess, "max_pixels": settings.max_pixels}
+    model = {"checkpoint": settings.checkpoint, "classes_file": settings.classes_file,
+             "threshold": settings.threshold, "backend": settings.backend, "threads": settings.threads,
+             "top_k": settings.top_k}
+    models = ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors)
+    if gpus:
+        dataset = dataset.map_batches(
+            Decode, batch_size=batch_size, num_cpus=DECODE_CPUS,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=1),
+            fn_constructor_kwargs=decoding)
+        dataset = dataset.map_batches(Classify, batch_size=batch_size, compute=models, num_gpus=1,
+                                      num_cpus=actor_cpus, fn_constructor_kwargs=model)
+    else:
+        dataset = dataset.map_batches(DecodeAndClassify, batch_size=batch_size, compute=models, num_cpus=actor_cpus,
+                                      fn_constructor_kwargs=decoding | model)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours says photos/s and the time left
     bar = _progress(todo) if progress else None
     start = time.monotonic()
