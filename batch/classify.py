@@ -43,6 +43,10 @@ Format = Literal["jsonl", "csv"]
 DECODE_CPUS = 0.25
 ACTOR_SHARE_OF_CORES = 0.75
 CPU_BATCH_AT_224 = 32
+# ONNX Runtime on a CPU core runs this model fastest per image a few images a pass, while each of Ray Data's batches
+# costs its scheduling and a trip through the object store: batches of 32, passes of 2 (docs/performance.md, "Whole
+# collections").
+CPU_PASS_SIZE = 2
 CSV_FIELDS = ("file", "model", "model_version", "level", "is_waterbird", "waterbird_score", "species_known",
               "species_confidence", "species", "species_name", "species_score", "predictions", "error_code",
               "error_message")
@@ -94,25 +98,30 @@ class Decode:
 
 
 class Classify:
-    """Actor: the model, loaded once; a batch of decoded photos to one JSON record each."""
+    """Actor: the model, loaded once; a batch of decoded photos to one JSON record each, in forward passes of
+    `pass_size` photos (0: the whole batch in one)."""
 
     def __init__(self, checkpoint: str, classes_file: str | None, threshold: float, backend: BackendName,
-                 threads: int, top_k: int) -> None:
+                 threads: int, top_k: int, pass_size: int = 0) -> None:
         from bcnn.models import get_weights
         from bcnn.predict import Predictor
 
         self.predictor = Predictor(get_weights(checkpoint, classes_file=classes_file), threshold=threshold,
                                    backend=backend, threads=threads)
-        self.top_k = top_k
+        self.top_k, self.pass_size = top_k, pass_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
         predictor, weights = self.predictor, self.predictor.weights
         usable = np.flatnonzero(batch["error_code"] == "")
         records: list[str] = []
         kinds: list[str] = []
         answers = iter(())
         if len(usable):
-            ranked = predictor.rank(predictor.launch([batch["pixels"][usable]]).wait(), self.top_k)
+            pixels, step = batch["pixels"][usable], self.pass_size or len(usable)
+            logits = [predictor.launch([pixels[i:i + step]]).wait() for i in range(0, len(pixels), step)]
+            ranked = predictor.rank(torch.cat(logits), self.top_k)
             answers = (ranked.answer(row, predictor.labels, self.top_k, predictor.names)
                        for row in range(len(usable)))
         for path, code, message in zip(batch["path"], batch["error_code"], batch["error_message"], strict=True):
@@ -225,7 +234,9 @@ class Settings:
     threshold: float = DEFAULT_WATERBIRD_THRESHOLD
     backend: BackendName = "auto"
     batch_size: int = 0
-    """photos per forward pass; 0: 64 on a GPU, on a CPU 32 at 224 and fewer in proportion to larger inputs"""
+    """photos per Ray Data batch; 0: 64 on a GPU, on a CPU 32 at 224 and fewer in proportion to larger inputs"""
+    pass_size: int = 0
+    """photos per forward pass within a batch; 0: the whole batch on a GPU, 2 on a CPU"""
     actors: int = 0
     """model replicas; 0: one per GPU of the cluster, else one per `threads` CPUs"""
     threads: int = 1
@@ -268,8 +279,8 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
         raise ValueError(f"{actors} model actors do not fit this cluster ({cpus:g} CPUs, {gpus} GPUs); ask for at "
                          f"most {max(room, 1)}")
     decoders = max(1, int(cpus - actors * actor_cpus))
-    # On a CPU a pass's memory grows with the batch's pixels, and a larger batch gains nothing there: 32 photos at
-    # 224, fewer in proportion at larger inputs, so that a model actor's memory stays about the same.
+    # On a CPU a batch's memory grows with its pixels: 32 photos at 224, fewer in proportion at larger inputs, so
+    # that a model actor's memory stays about the same.
     side = weights.preprocess.crop_size
     batch_size = settings.batch_size or (64 if gpus else max(1, CPU_BATCH_AT_224 * 224**2 // side**2))
     if todo is not None:
@@ -283,7 +294,7 @@ def classify(source: str, out: Path, fmt: Format = "jsonl", settings: Settings =
     decoding = {"preprocess": weights.preprocess, "max_pixels": settings.max_pixels}
     model = {"checkpoint": settings.checkpoint, "classes_file": settings.classes_file,
              "threshold": settings.threshold, "backend": settings.backend, "threads": settings.threads,
-             "top_k": settings.top_k}
+             "top_k": settings.top_k, "pass_size": settings.pass_size or (0 if gpus else CPU_PASS_SIZE)}
     models = ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors)
     if gpus:
         dataset = dataset.map_batches(
@@ -335,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=DEFAULT_WATERBIRD_THRESHOLD)
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--batch-size", type=int, default=0,
-                        help="photos per forward pass (0: 64 on GPUs, else 32 at 224 and fewer at larger inputs)")
+                        help="photos per Ray Data batch (0: 64 on GPUs, else 32 at 224 and fewer at larger inputs)")
+    parser.add_argument("--pass-size", type=int, default=0,
+                        help="photos per forward pass within a batch (0: the whole batch on GPUs, else 2)")
     parser.add_argument("--actors", type=int, default=0,
                         help="model replicas (0: one per GPU, else one per --threads CPUs)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per model replica on a CPU")
@@ -346,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     fmt: Format = args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl")
     settings = Settings(checkpoint=args.checkpoint, classes_file=args.classes, top_k=args.top_k,
                         threshold=args.threshold, backend=args.backend, batch_size=args.batch_size,
-                        actors=args.actors, threads=args.threads, max_pixels=args.max_pixels)
+                        pass_size=args.pass_size, actors=args.actors, threads=args.threads,
+                        max_pixels=args.max_pixels)
     import ray
 
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
