@@ -4,8 +4,8 @@ record per photo, resumable.
 On GPU nodes the photos are read and decoded by a pool of CPU actors and classified by a pool of model actors (one
 GPU each); on CPUs each model actor (ONNX Runtime, as the service's `auto` backend) decodes its own batches, one per
 core, since decoding elsewhere would take the same cores and add a hop. In batches, streaming: memory stays flat
-whatever the collection's size. Each record is written the moment its batch is done, flushed, so the output file is the
-checkpoint: the same command again skips every photo it holds and classifies the rest. The answers are the
+whatever the collection's size. Each record is written the moment its batch is done, flushed, so the output file
+is the checkpoint: the same command again skips every photo it holds and classifies the rest. The answers are the
 service's: the same preprocessing (`bcnn.preprocess.load_image`), model, thresholds and species rule
 (`bcnn.predict.Predictor`), the same record (`bcnn.answers.Answer.to_dict`), and for a photo that cannot be read the
 error code the API gives.
