@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--address", default=None, help="the Ray cluster (default: as ray.init() finds one)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard with the Ray instance the run starts (a cluster has its own)")
     args = parser.parse_args(argv)
     fmt: Format = args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl")
     settings = Settings(checkpoint=args.checkpoint, classes_file=args.classes, top_k=args.top_k,
@@ -363,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                         max_pixels=args.max_pixels)
     import ray
 
-    ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    # A Ray instance started for the run has no dashboard unless asked: on a laptop the progress bar says what it
+    # would, and its processes took 8% of the run's CPU (docs/performance.md, "Whole collections"). A cluster's
+    # dashboard is the cluster's own, there whatever this says.
+    ray.init(address=args.address, logging_level="ERROR", log_to_driver=False, include_dashboard=args.dashboard)
     try:
         summary = classify(args.photos, args.out, fmt, settings, progress=not args.no_progress)
     except ValueError as e:
