@@ -27,7 +27,7 @@ from load.runner import PHOTOS, ROOT
 @dataclass(frozen=True)
 class Settings:
     photos: int = 2000
-    predict_photos: int = 300  # bcnn predict's share (it is slow)
+    predict_photos: int = 2000  # bcnn predict's reference: fewer photos, a few seconds, read as noisy as the host
     checkpoint: str = "default"
 
 
