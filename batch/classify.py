@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from bcnn.answers import DEFAULT_WATERBIRD_THRESHOLD
 from bcnn.backend_names import BACKENDS, BackendName
@@ -75,8 +76,6 @@ class Decode:
     short-lived decoding tasks spread over many workers paid that import again and again."""
 
     def __init__(self, preprocess: Preprocess, max_pixels: int) -> None:
-        import torch
-
         torch.set_num_threads(1)  # one image at a time: no thread pool to keep spinning
         self.preprocess, self.max_pixels = preprocess, max_pixels
 
@@ -111,8 +110,6 @@ class Classify:
         self.top_k, self.pass_size = top_k, pass_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         predictor, weights = self.predictor, self.predictor.weights
         usable = np.flatnonzero(batch["error_code"] == "")
         records: list[str] = []
