@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing as mp
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,16 @@ def random_bcnn_checkpoint(path: str | Path, *, backbone: str = "vgg16", num_cla
     save_checkpoint(path, model, arch=f"bcnn_{backbone}", categories=categories, preprocess=preprocess,
                     meta={"version": f"random-{backbone}-{preprocess.crop_size}-seed{seed}"})
     return Path(path)
+
+
+def model_checkpoint(model: str, *, classes: int = 200) -> str:
+    """What a benchmark's `--checkpoint` names: `vgg16_<size>` is a VGG16-BCNN at that input size with random weights
+    (written to a temporary folder), anything else (`default`, a path) a checkpoint as `bcnn` reads it."""
+    size = model.removeprefix("vgg16_")
+    if model.startswith("vgg16_") and size.isdigit():
+        folder = Path(tempfile.mkdtemp(prefix="bench-"))
+        return str(random_bcnn_checkpoint(folder / f"{model}.pt", num_classes=classes, input_size=int(size)))
+    return model
 
 
 def in_subprocess(fn: Callable[..., Any], *args: Any) -> Any:

@@ -15,15 +15,13 @@ simulated device its timing; on a GPU the bare model's, fitted as `a + b x n` fr
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from load import runner
-from load.bare_model import fit_device, random_bcnn_checkpoint
+from load.bare_model import fit_device, model_checkpoint
 from load.cpu_watch import CpuWatch, busy_ms_by_role
 
 APP = "classifier-profile"
@@ -115,8 +113,7 @@ def run(s: Settings) -> dict[str, Any]:
     from load.devices import DeviceTiming
 
     gpu = torch.cuda.is_available() and not s.simulate
-    checkpoint = str(random_bcnn_checkpoint(Path(tempfile.mkdtemp(prefix="classifier-")) / "vgg16-bcnn.pt",
-                                            num_classes=200, input_size=s.input_size))
+    checkpoint = model_checkpoint(f"vgg16_{s.input_size}")
     timing = fit_device(checkpoint) if gpu else {"fixed_ms": s.fixed_ms, "per_image_ms": s.per_image_ms,
                                                  "time_scale": s.time_scale}
     batches = _batches(checkpoint, s)

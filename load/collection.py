@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 
+from load.bare_model import model_checkpoint
 from load.cpu_watch import role_of
 from load.runner import PHOTOS, ROOT
 
@@ -28,7 +29,7 @@ from load.runner import PHOTOS, ROOT
 class Settings:
     photos: int = 2000
     predict_photos: int = 2000  # bcnn predict's reference: fewer photos, a few seconds, read as noisy as the host
-    checkpoint: str = "default"
+    checkpoint: str = "default"  # or vgg16_<size>: a VGG16-BCNN at that size, random weights (`model_checkpoint`)
 
 
 def replicate(folder: Path, count: int) -> Path:
@@ -92,12 +93,12 @@ def waterbirds_classify(folder: Path, out: Path, extra: list[str]) -> dict[str, 
 
 
 def run(s: Settings) -> dict[str, Any]:
-    photos, predict_photos, checkpoint = s.photos, s.predict_photos, s.checkpoint
+    photos, predict_photos, checkpoint = s.photos, s.predict_photos, model_checkpoint(s.checkpoint)
     extra = ["--checkpoint", checkpoint]
     with tempfile.TemporaryDirectory(prefix="collection-") as tmp:
         small = replicate(Path(tmp) / "small", photos)
         large = replicate(Path(tmp) / "large", photos * 10)
-        report: dict[str, Any] = {"machine_cpus": psutil.cpu_count(), "checkpoint": checkpoint,
+        report: dict[str, Any] = {"machine_cpus": psutil.cpu_count(), "checkpoint": s.checkpoint,
                                   "date": time.strftime("%Y-%m-%d %H:%MZ", time.gmtime())}
         report["bcnn_predict"] = bcnn_predict(small, predict_photos, checkpoint)
         # One photo at a time, so its time grows linearly after its start-up, which one photo's run measures: its
@@ -126,7 +127,9 @@ def run(s: Settings) -> dict[str, Any]:
 def sections(report: dict[str, Any]) -> dict[str, str]:
     rows = [("`bcnn predict`", report["bcnn_predict"]), ("`waterbirds-classify`", report["classify"]),
             ("`waterbirds-classify`, ten times the photos", report["classify_10x"])]
-    lines = [f"`python -m load collection` ({report['date']}, {report['machine_cpus']} CPUs, the embedded default; "
+    checkpoint = report["checkpoint"]
+    model = "the embedded default" if checkpoint == "default" else f"`--checkpoint {checkpoint}`"
+    lines = [f"`python -m load collection` ({report['date']}, {report['machine_cpus']} CPUs, {model}; "
              "`make bench` writes this anew):", "",
              "| run | photos | seconds | photos/s | of which classifying | peak memory |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -140,5 +143,6 @@ def sections(report: dict[str, Any]) -> dict[str, str]:
               f"{report['speedup_10x']}x at {report['classify_10x']['photos']:,}; classifying against its steady "
               f"rate: {report['speedup_classifying']}x. Memory at ten times the photos: "
               f"{report['memory_10x_over_1x']}x."]
-    return {"bench-collection": "\n".join(lines)}
+    marker = "bench-collection" if checkpoint == "default" else f"bench-collection-{Path(checkpoint).stem}"
+    return {marker: "\n".join(lines)}
 

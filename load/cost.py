@@ -13,13 +13,11 @@ the 2019 design around the same model, each alone on the machine in turn.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from load import runner
-from load.bare_model import random_bcnn_checkpoint
+from load.bare_model import model_checkpoint
 from load.loadgen import Upload
 
 # The roles of which a node runs one process whatever the load: each caps the node at 1000 / its ms per request.
@@ -79,8 +77,7 @@ def run(s: Settings) -> dict[str, Any]:
         checkpoint, model = "default", "the embedded default (EfficientNet-Lite0 224), the real forward pass, " \
                                        "serve_config.local.yaml"
     else:
-        checkpoint = str(random_bcnn_checkpoint(Path(tempfile.mkdtemp(prefix="cost-")) / "vgg16-bcnn.pt",
-                                                num_classes=200, input_size=s.input_size))
+        checkpoint = model_checkpoint(f"vgg16_{s.input_size}")
         model = f"VGG16-BCNN {s.input_size}, 200 classes, random weights, forward skipped"
     report: dict[str, Any] = {"model": model, "box": s.box, "users": s.users, "seconds": s.seconds, "ours": {}}
     for proxy in s.proxy:

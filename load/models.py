@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from load import runner
-from load.bare_model import random_bcnn_checkpoint
+from load.bare_model import model_checkpoint
 
 COPY = "lite0-copy"
 
@@ -75,9 +75,8 @@ def run(s: Settings) -> dict[str, Any]:
             point = runner.point(url, uploads, s.users, s.seconds, warm_s=5)
             models = httpx.get(runner.SERVICE_URL + "/models", timeout=30).json()
             report["phases"].append({"phase": name, **point, "models": models})
-    vgg = random_bcnn_checkpoint(folder / "vgg16-bcnn-448.pt", num_classes=200, input_size=448)
     report["load_seconds"] = {"224, embedded default": load_seconds("default"),
-                              "448, VGG16-BCNN": load_seconds(str(vgg))}
+                              "448, VGG16-BCNN": load_seconds(model_checkpoint("vgg16_448"))}
     return report
 
 

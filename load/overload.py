@@ -10,15 +10,13 @@ VGG16-BCNN 448, random weights, its forward pass skipped unless `--forward`, rep
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from load import runner
-from load.bare_model import random_bcnn_checkpoint
+from load.bare_model import model_checkpoint
 from load.cpu_watch import refusal_cost, refusal_cost_cell
 
 
@@ -36,10 +34,7 @@ class Settings:
 def storms(profile: str, s: Settings) -> dict[str, Any]:
     uploads, url = runner.uploads(), runner.CLASSIFY_URL
     production = profile == "production"
-    checkpoint = "default"
-    if production:
-        checkpoint = str(random_bcnn_checkpoint(Path(tempfile.mkdtemp(prefix="overload-")) / "vgg16-bcnn.pt",
-                                                num_classes=200, input_size=448))
+    checkpoint = model_checkpoint("vgg16_448" if production else "default")
     config = runner.serve_config(profile, checkpoint, skip_forward=production and not s.forward,
                                  fixed_replicas=production and s.fixed_replicas)
     with runner.Cluster(num_cpus=16 if production else None, num_gpus=1 if production else None) as cluster:
