@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 
 from load import runner
-from load.bare_model import decode_rate, in_subprocess, model_rates, random_bcnn_checkpoint
+from load.bare_model import decode_rate, in_subprocess, model_checkpoint, model_rates
 from serve_app.run import DASHBOARD_URL, dashboard_headers
 
 
@@ -43,8 +42,7 @@ class Settings:
     limit_seconds: float = 4.0  # per batch size, and for decoding
     users: tuple[int, ...] = (1, 16, 64, 256, 1024)
     batch_sizes: tuple[int, ...] = (1, 8, 32, 64, 128)
-    models: tuple[str, ...] = ("vgg16_448", "default")  # vgg16_<vgg-size> and/or default
-    vgg_size: int = 448
+    models: tuple[str, ...] = ("vgg16_448", "default")  # vgg16_<size> and/or default (`model_checkpoint`)
     vgg_classes: int = 200
     seed_workers: int = 0  # 0: one per core
     proxy: str = "haproxy"
@@ -221,9 +219,8 @@ def run(s: Settings) -> dict[str, Any]:
     if gpus < 1:
         raise SystemExit("no GPU here: run on a GPU machine, or give --logical-gpus 1 to try the code path")
     uploads = runner.uploads()
-    vgg = random_bcnn_checkpoint(Path(tempfile.mkdtemp(prefix="bench-gpu-")) / "vgg16-bcnn.pt",
-                                 num_classes=s.vgg_classes, input_size=s.vgg_size)
-    models = {name: {f"vgg16_{s.vgg_size}": str(vgg), "default": "default"}[name] for name in s.models}
+    models = {name: model_checkpoint(name, classes=s.vgg_classes) for name in s.models}
+    vgg = next((name for name in models if name.startswith("vgg16_")), "")
     generator = s.generator if s.generator != "auto" else ("wrk" if shutil.which("wrk") else "python")
     print(f"{len(uploads)} photos from {runner.PHOTOS}; {gpus} GPU(s), {cores} cores", flush=True)
     report: dict[str, Any] = {
@@ -233,7 +230,8 @@ def run(s: Settings) -> dict[str, Any]:
                     "python": platform.python_version(), "torch": torch.__version__},
         "seconds_per_point": s.seconds, "proxy": s.proxy, "models": list(models), "generator": generator,
         "classifiers_per_gpu": s.classifiers_per_gpu,
-        "vgg_checkpoint": {"input_size": s.vgg_size, "classes": s.vgg_classes, "weights": "random"}, "limits": {},
+        "vgg_checkpoint": {"input_size": int(vgg.removeprefix("vgg16_")) if vgg else None, "classes": s.vgg_classes,
+                           "weights": "random"}, "limits": {},
     }
     for name, checkpoint in models.items():
         print(f"limits, {name}:", flush=True)

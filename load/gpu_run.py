@@ -60,7 +60,7 @@ def steps(out: Path, checkpoint: Path, short: bool) -> list[tuple[str, list[str]
                 "eager,cudnn_benchmark,cuda_graphs,onnxruntime_cuda,tensorrt"]
         classifier = ["--seconds", "15", "--warmup", "5"]
         py_spy = "256"
-    node = [*python, "load", "gpu", "--models", f"vgg16_{size}", "--vgg-size", size,
+    node = [*python, "load", "gpu", "--models", f"vgg16_{size}",
             "--batch-sizes", "32,64,128" if not short else "1,2", *gpu_args, *timing]
     bare_model = [*python, "load", "variants", "--checkpoint", str(checkpoint)]
     collection = [*python, "load", "collection", "--checkpoint", str(checkpoint), "--out", str(out / "collection.json"),
