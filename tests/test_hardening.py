@@ -227,9 +227,9 @@ def test_one_greedy_client_cannot_take_the_service_from_polite_users(
     ingress = deployment(local_profile, "Ingress")["user_config"]
     uploads = [Upload(p.path.name, p.path.read_bytes()) for p in photos]
 
-    def contest() -> dict:
+    def contest(warm_seconds: float) -> dict:
         report = fairness.contest(service.url + "/classify", uploads, seconds=30, calm_seconds=10,
-                                  after_seconds=10, warm_seconds=8)
+                                  after_seconds=10, warm_seconds=warm_seconds)
         print(fairness.sections([report])["bench-fairness"])
         calm, polite, greedy = report["calm"], report["contended"], report["greedy"]
         assert set(calm["statuses"]) == {"200"} and set(polite["statuses"]) == {"200"}, report
@@ -239,7 +239,7 @@ def test_one_greedy_client_cannot_take_the_service_from_polite_users(
         assert report["recovered_in_s"] is not None, report  # back at 0.8 of calm within 30 s of the greedy client
         return report
 
-    reports = [contest()]
+    reports = [contest(warm_seconds=8)]
     if reports[0]["polite_share_of_calm"] < 0.8:
-        reports.append(contest())
+        reports.append(contest(warm_seconds=0))  # right after the first: nothing left to settle
     assert max(r["polite_share_of_calm"] for r in reports) >= 0.8, reports
