@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     # A Ray instance started for the run has no dashboard unless asked: on a laptop the progress bar says what it
-    # would, and its processes took 8% of the run's CPU (docs/performance.md, "Whole collections"). A cluster's
+    # would, and its processes take a share of the run's CPU (docs/performance.md, "Whole collections"). A cluster's
     # dashboard is the cluster's own, there whatever this says.
     ray.init(address=args.address, logging_level="ERROR", log_to_driver=False, include_dashboard=args.dashboard)
     try:

@@ -28,7 +28,7 @@ from load.runner import PHOTOS, ROOT
 @dataclass(frozen=True)
 class Settings:
     photos: int = 2000
-    predict_photos: int = 2000  # bcnn predict's reference: fewer photos, a few seconds, read as noisy as the host
+    predict_photos: int = 2000  # bcnn predict's reference: one of a few seconds reads as noisy as the host
     checkpoint: str = "default"  # or vgg16_<size>: a VGG16-BCNN at that size, random weights (`model_checkpoint`)
 
 
